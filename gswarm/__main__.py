@@ -1,0 +1,5 @@
+"""`python -m gswarm` runs the CLI."""
+
+from gswarm.cli import main
+
+main()

@@ -1,0 +1,128 @@
+"""The agent process: its parts (session, executor, stores, GPU probe), their lifecycle,
+and the built-in `probe` op."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+from gswarm import PROTOCOL_VERSION, __version__
+from gswarm.agent import inventory as inventory_mod
+from gswarm.agent.executor import Executor, OpContext, OpResult, op_handler
+from gswarm.agent.gpu import GpuProbe
+from gswarm.agent.session import Session
+from gswarm.agent.stores import scan_holdings
+from gswarm.config import Settings
+from gswarm.devices import validate_node_id
+from gswarm.protocol import (
+    Ack,
+    Cancel,
+    Command,
+    HeadMessage,
+    Heartbeat,
+    Hello,
+    Holding,
+    Inventory,
+    Welcome,
+    to_builtins,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    """One node's agent."""
+
+    def __init__(
+        self,
+        head_url: str,
+        node_id: str,
+        token: str,
+        disk_dir: Path,
+        dram_dir: Path,
+        settings: Settings | None = None,
+        simulate_gpus: str | None = None,
+    ) -> None:
+        self.node_id = validate_node_id(node_id)
+        self.token = token
+        self.settings = settings or Settings.from_env()
+        self.tiers = {"disk": disk_dir, "dram": dram_dir}
+        self.gpus = GpuProbe(simulate_gpus)
+        self.instance_id = uuid.uuid4().hex
+        self.data_url = ""
+        self.executor = Executor(self, self._send, self.settings.progress_interval)
+        self.session = Session(head_url, self.settings, self._hello, self._on_message, self._on_connected)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _send(self, msg: Any) -> None:
+        self.session.send(msg)
+
+    async def inventory(self) -> Inventory:
+        """A fresh inventory (read in a thread)."""
+        return await asyncio.to_thread(inventory_mod.collect, self.tiers, self.gpus)
+
+    async def holdings(self) -> list[Holding]:
+        """Every published copy on this node (scanned in a thread)."""
+        return await asyncio.to_thread(scan_holdings, self.tiers)
+
+    async def _hello(self) -> Hello:
+        return Hello(
+            node_id=self.node_id,
+            token=self.token,
+            protocol_version=PROTOCOL_VERSION,
+            instance_id=self.instance_id,
+            agent_version=__version__,
+            data_url=self.data_url,
+            inventory=await self.inventory(),
+            holdings=await self.holdings(),
+            running=list(self.executor.running),
+            finished=list(self.executor.outbox),
+        )
+
+    def _on_connected(self) -> None:
+        self.executor.resend_outbox()
+
+    async def _on_message(self, msg: HeadMessage) -> None:
+        match msg:
+            case Command():
+                self.executor.submit(msg)
+            case Cancel(op_id=op_id):
+                self.executor.cancel(op_id)
+            case Ack(op_id=op_id):
+                self.executor.ack(op_id)
+            case Welcome():
+                pass
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            if self.session.connected.is_set():
+                try:
+                    self._send(Heartbeat(inventory=await self.inventory()))
+                except OSError as exc:
+                    log.warning("inventory read failed: %s", exc)
+
+    async def run(self) -> None:
+        """Run until cancelled (or refused by the head, which raises AgentRefused)."""
+        for path in self.tiers.values():
+            await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+        self.executor.start()
+        self._tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats")]
+        try:
+            await self.session.run()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.executor.close()
+
+
+@op_handler("probe")
+async def probe(ctx: OpContext, args: dict[str, Any]) -> OpResult:
+    """Re-read inventory and holdings and report them."""
+    inventory = await ctx.agent.inventory()
+    holdings = await ctx.agent.holdings()
+    return OpResult({"inventory": to_builtins(inventory), "holdings": to_builtins(holdings)}, holdings)

@@ -1,0 +1,549 @@
+"""The `gswarm` / `gsmodel` command line: typer commands over `gswarm.client`.
+
+People get rich tables and live progress; scripts pass `--json`. Errors are one line on
+stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from gswarm import __version__
+from gswarm.config import (
+    DEFAULT_PORT,
+    Settings,
+    default_disk_dir,
+    default_dram_dir,
+    default_state_dir,
+    load_tokens,
+)
+from gswarm.errors import GswarmError
+from gswarm.protocol import Event, ModelView, Node, Notice, Op, to_builtins
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="gswarm",
+    help="gswarm: model management for GPU clusters (head, agents, registry, operations).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+HeadUrl = Annotated[
+    str | None,
+    typer.Option("--head-url", envvar="GSWARM_HEAD_URL", help="Head URL [default: http://localhost:8100]"),
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="GSWARM_TOKEN", help="API token (found locally if omitted)")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+StateDir = Annotated[
+    Path | None, typer.Option("--state-dir", help="Head state dir [default: ~/.local/share/gswarm]")
+]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; a GswarmError becomes one line on stderr and exit status 1."""
+    try:
+        return asyncio.run(coro)
+    except GswarmError as exc:
+        _fail(exc.message)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # one line, never a traceback
+        _fail(f"unexpected {type(exc).__name__}: {exc}")
+    raise AssertionError("unreachable")
+
+
+def _client(head_url: str | None, token: str | None) -> Any:
+    from gswarm.client import GswarmClient
+
+    return GswarmClient(head_url, token)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(msgspec.json.encode(to_builtins(data)).decode() + "\n")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _ago(ts: float) -> str:
+    d = max(0.0, time.time() - ts)
+    if d < 60:
+        return f"{d:.0f}s ago"
+    if d < 3600:
+        return f"{d / 60:.0f}m ago"
+    if d < 86400:
+        return f"{d / 3600:.1f}h ago"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+async def _until_signal(*tasks: asyncio.Task[Any]) -> None:
+    """Wait for SIGINT/SIGTERM or for any of the tasks to end."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _agent_token(token: str | None, state_dir: Path | None = None) -> str:
+    if token:
+        return token
+    tokens = load_tokens(state_dir)
+    if tokens is None:
+        _fail("no join token: pass --token or set GSWARM_TOKEN (run 'gswarm token' on the head to see it)")
+        raise AssertionError
+    return tokens.join_token
+
+
+async def _run_agent_task(agent_task: asyncio.Task[None]) -> None:
+    from gswarm.agent.session import AgentRefused
+
+    try:
+        await agent_task
+    except AgentRefused as exc:
+        _fail(exc.message, 2)
+    except asyncio.CancelledError:
+        pass
+
+
+@app.command()
+def head(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
+    state_dir: StateDir = None,
+    offline_after: Annotated[
+        float | None, typer.Option(help="Seconds of silence before a node is offline [15].")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Start the head server (REST API, agent and event sockets, registry)."""
+    from gswarm.head.app import HeadServer
+
+    _setup_logging(verbose)
+    settings = Settings.from_env(offline_after=offline_after)
+
+    async def main() -> None:
+        server = HeadServer(state_dir or default_state_dir(), host, port, settings)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise GswarmError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        err.print(f"gswarm head {__version__} listening on {server.url} (state: {server.head.state_dir})")
+        try:
+            await _until_signal()
+        finally:
+            await server.stop()
+            err.print("head stopped")
+
+    run(main())
+
+
+def _agent_options(
+    node_id: str | None, disk_dir: Path | None, dram_dir: Path | None
+) -> tuple[str, Path, Path]:
+    return (
+        node_id or socket.gethostname().split(".")[0],
+        disk_dir or default_disk_dir(),
+        dram_dir or default_dram_dir(),
+    )
+
+
+NodeIdOpt = Annotated[str | None, typer.Option("--node-id", help="This node's id [default: hostname]")]
+DiskDirOpt = Annotated[Path | None, typer.Option("--disk-dir", help="Directory of the disk tier.")]
+DramDirOpt = Annotated[Path | None, typer.Option("--dram-dir", help="Directory of the dram tier (tmpfs).")]
+SimGpuOpt = Annotated[
+    str | None,
+    typer.Option("--simulate-gpus", envvar="GSWARM_SIMULATE_GPUS", help="N[:SIZE] simulated GPUs."),
+]
+
+
+@app.command("client")
+def client_cmd(
+    head_url: Annotated[str, typer.Argument(help="URL of the head, e.g. http://head:8100")],
+    node_id: NodeIdOpt = None,
+    token: Annotated[str | None, typer.Option("--token", envvar="GSWARM_TOKEN", help="Join token.")] = None,
+    disk_dir: DiskDirOpt = None,
+    dram_dir: DramDirOpt = None,
+    simulate_gpus: SimGpuOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run an agent on this node, connected to the head."""
+    from gswarm.agent.main import Agent
+
+    _setup_logging(verbose)
+    nid, disk, dram = _agent_options(node_id, disk_dir, dram_dir)
+    join = _agent_token(token)
+
+    async def main() -> None:
+        try:
+            agent = Agent(head_url, nid, join, disk, dram, Settings.from_env(), simulate_gpus)
+        except ValueError as exc:
+            raise GswarmError(str(exc)) from None
+        task = asyncio.create_task(agent.run())
+        err.print(f"gswarm agent {nid} -> {head_url} (disk: {disk}, dram: {dram})")
+        await _until_signal(task)
+        task.cancel()
+        await _run_agent_task(task)
+        err.print("agent stopped")
+
+    run(main())
+
+
+app.command("agent", help="Run an agent on this node (same as 'client').")(client_cmd)
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="Address the head listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the head.")] = DEFAULT_PORT,
+    state_dir: StateDir = None,
+    node_id: NodeIdOpt = None,
+    disk_dir: DiskDirOpt = None,
+    dram_dir: DramDirOpt = None,
+    simulate_gpus: SimGpuOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """A head and a local agent in one process: the whole system on one machine."""
+    from gswarm.agent.main import Agent
+    from gswarm.head.app import HeadServer
+
+    _setup_logging(verbose)
+    nid, disk, dram = _agent_options(node_id, disk_dir, dram_dir)
+    settings = Settings.from_env()
+
+    async def main() -> None:
+        server = HeadServer(state_dir or default_state_dir(), host, port, settings)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise GswarmError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        try:
+            agent = Agent(server.url, nid, server.head.tokens.join_token, disk, dram, settings, simulate_gpus)
+        except ValueError as exc:
+            await server.stop()
+            raise GswarmError(str(exc)) from None
+        task = asyncio.create_task(agent.run())
+        err.print(
+            f"gswarm {__version__} up: head {server.url}, agent {nid} "
+            f"(state: {server.head.state_dir}, disk: {disk}, dram: {dram}); Ctrl-C stops"
+        )
+        try:
+            await _until_signal(task)
+        finally:
+            task.cancel()
+            await _run_agent_task(task)
+            await server.stop()
+            err.print("stopped")
+
+    run(main())
+
+
+@app.command()
+def token(state_dir: StateDir = None, json_out: JsonOpt = False) -> None:
+    """Print the head's tokens (API token for the CLI/REST, join token for agents)."""
+    tokens = load_tokens(state_dir)
+    if tokens is None:
+        _fail(f"no head state in {state_dir or default_state_dir()}: start 'gswarm head' first")
+        return
+    if json_out:
+        _print_json({"api_token": tokens.api_token, "join_token": tokens.join_token})
+        return
+    out.print(f"api token  (CLI, REST: GSWARM_TOKEN): {tokens.api_token}", highlight=False)
+    out.print(f"join token (agents: --token):        {tokens.join_token}", highlight=False)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def _with_client(head_url: str | None, tok: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with _client(head_url, tok) as c:
+            return await fn(c)
+
+    return run(main())
+
+
+@app.command()
+def register(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    model_type: Annotated[str, typer.Argument(metavar="TYPE", help="llm, diffusion, ...")],
+    source_url: Annotated[
+        str | None, typer.Option("--source-url", help="Where the model comes from.")
+    ] = None,
+    metadata_file: Annotated[
+        Path | None, typer.Option("--metadata-file", help="JSON or YAML file of metadata.")
+    ] = None,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Register a model."""
+    metadata: dict[str, Any] = {}
+    if metadata_file is not None:
+        try:
+            loaded = yaml.safe_load(metadata_file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            _fail(f"cannot read metadata file {metadata_file}: {exc}")
+        if loaded is not None and not isinstance(loaded, dict):
+            _fail(f"metadata file {metadata_file} must hold a mapping")
+        metadata = loaded or {}
+    model: ModelView = _with_client(
+        head_url, token, lambda c: c.register_model(name, model_type, source_url, metadata)
+    )
+    if json_out:
+        _print_json(model)
+    else:
+        out.print(f"registered {model.name} ({model.type})", highlight=False)
+
+
+def _where(model: ModelView) -> str:
+    if not model.locations:
+        return "-"
+    return ", ".join(
+        loc.device if loc.state == "ready" else f"{loc.device} ({loc.state})" for loc in model.locations
+    )
+
+
+@app.command("list")
+def list_cmd(head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt = False) -> None:
+    """List models and where each one is."""
+    models: list[ModelView] = _with_client(head_url, token, lambda c: c.list_models())
+    if json_out:
+        _print_json(models)
+        return
+    if not models:
+        out.print("no models registered")
+        return
+    table = Table("model", "type", "locations", "source")
+    for m in models:
+        table.add_row(m.name, m.type, _where(m), m.source_url or "-")
+    out.print(table)
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show one model and every copy of it."""
+    model: ModelView = _with_client(head_url, token, lambda c: c.get_model(name))
+    if json_out:
+        _print_json(model)
+        return
+    out.print(f"[bold]{model.name}[/] ({model.type})  source: {model.source_url or '-'}", highlight=False)
+    if model.metadata:
+        out.print(f"metadata: {model.metadata}", highlight=False)
+    if not model.locations:
+        out.print("no copies yet")
+        return
+    table = Table("device", "state", "size", "path", "updated")
+    for loc in model.locations:
+        table.add_row(loc.device, loc.state, _size(loc.size), loc.path, _ago(loc.updated_at))
+    out.print(table)
+
+
+@app.command()
+def nodes(head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt = False) -> None:
+    """List nodes with their hardware and status."""
+    found: list[Node] = _with_client(head_url, token, lambda c: c.list_nodes())
+    if json_out:
+        _print_json(found)
+        return
+    if not found:
+        out.print("no nodes yet: start an agent with 'gswarm client HEAD_URL --node-id ID'")
+        return
+    table = Table("node", "status", "host", "address", "cpus", "memory", "disk free", "dram free", "gpus")
+    for n in found:
+        inv = n.inventory
+        tiers = {t.name: t for t in inv.tiers}
+        gpus = ", ".join(
+            f"{g.index}: {g.name} {_size(g.memory_total)}{' (sim)' if g.simulated else ''}" for g in inv.gpus
+        )
+        status = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(n.status, n.status)
+        table.add_row(
+            n.node_id,
+            f"{status} {_ago(n.status_since)}",
+            n.hostname or "-",
+            (n.addresses or ["-"])[0],
+            str(inv.cpu_count or "-"),
+            _size(inv.memory_total) if inv.memory_total else "-",
+            _size(tiers["disk"].free) if "disk" in tiers else "-",
+            _size(tiers["dram"].free) if "dram" in tiers else "-",
+            gpus or "none",
+        )
+    out.print(table)
+
+
+@app.command()
+def probe(
+    node_id: Annotated[str, typer.Argument(help="Node to probe")],
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Ask a node's agent to re-read its inventory and holdings (an op, end to end)."""
+    op: Op = _with_client(head_url, token, lambda c: c.probe(node_id, wait=True))
+    if json_out:
+        _print_json(op)
+    else:
+        _print_op(op)
+    if op.state != "succeeded":
+        raise typer.Exit(1)
+
+
+def _print_op(op: Op) -> None:
+    line = f"op {op.op_id} {op.kind} on {op.node_id}: {op.state}"
+    if op.error is not None:
+        line += f" ({op.error.code}: {op.error.message})"
+    out.print(line, highlight=False)
+
+
+@app.command()
+def ops(
+    node: Annotated[str | None, typer.Option(help="Only this node's ops.")] = None,
+    state: Annotated[str | None, typer.Option(help="Only ops in this state.")] = None,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List recent ops."""
+    filters = {k: v for k, v in {"node": node, "state": state}.items() if v}
+    found: list[Op] = _with_client(head_url, token, lambda c: c.list_ops(**filters))
+    if json_out:
+        _print_json(found)
+        return
+    table = Table("op", "kind", "node", "state", "progress", "created", "error")
+    for op in found:
+        p = op.progress
+        prog = f"{_size(p.done)}/{_size(p.total)}" if p.total else "-"
+        table.add_row(
+            op.op_id,
+            op.kind,
+            op.node_id,
+            op.state,
+            prog,
+            _ago(op.created_at),
+            op.error.message if op.error else "",
+        )
+    out.print(table)
+
+
+@app.command()
+def cancel(
+    op_id: Annotated[str, typer.Argument(help="Op to cancel")],
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cancel an op."""
+    op: Op = _with_client(head_url, token, lambda c: c.cancel_op(op_id))
+    if json_out:
+        _print_json(op)
+    else:
+        out.print(f"op {op_id} cancelled", highlight=False)
+
+
+@app.command()
+def events(
+    since: Annotated[int | None, typer.Option(help="Replay events after this seq first.")] = None,
+    topic: Annotated[
+        list[str] | None, typer.Option(help="Only these topics: model, node, op, location.")
+    ] = None,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Keep following live.")] = True,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Follow the event stream live (after replaying from --since)."""
+    topics = topic or []
+
+    def show_event(ev: Event) -> None:
+        if json_out:
+            sys.stdout.write(msgspec.json.encode(ev).decode() + "\n")
+            sys.stdout.flush()
+            return
+        stamp = time.strftime("%H:%M:%S", time.localtime(ev.ts))
+        state = ev.data.get("state") or ev.data.get("status") or ""
+        out.print(f"{ev.seq:>7} {stamp} {ev.kind:<18} {ev.key} {state}", highlight=False)
+
+    async def main() -> None:
+        async with _client(head_url, token) as c:
+            if not follow:
+                for ev in await c.list_events(since or 0, topics, limit=10_000):
+                    show_event(ev)
+                return
+            async for msg in c.events(since=since, topics=topics):
+                if isinstance(msg, Notice):
+                    if msg.code == "dropped":
+                        raise GswarmError(f"dropped by the head: {msg.message}")
+                    continue
+                show_event(msg)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run(main())
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(f"gswarm {__version__}")
+
+
+def main() -> None:
+    """Entry point of the `gswarm` and `gsmodel` scripts."""
+    app()

@@ -1,0 +1,292 @@
+"""Python SDK over the head's REST API and event socket (async), with a small sync wrapper.
+
+    async with GswarmClient("http://head:8100") as c:
+        await c.register_model("llama-7b", "llm", source_url="https://huggingface.co/...")
+        op = await c.probe("worker1")
+        op = await c.wait_op(op.op_id, on_progress=print)
+
+Without an explicit token the client uses `$GSWARM_TOKEN`, else the token of a head whose
+state dir is on this machine (so the CLI works next to its head with nothing typed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+
+from gswarm.config import DEFAULT_HEAD_URL, load_tokens
+from gswarm.errors import GswarmError, from_payload
+from gswarm.protocol import (
+    Event,
+    ModelView,
+    Node,
+    Notice,
+    Op,
+    subscriber_message_decoder,
+)
+
+T = TypeVar("T")
+
+
+class HeadUnreachable(GswarmError):
+    """The head did not answer at all."""
+
+    default_code = "head_unreachable"
+
+
+def resolve_head_url(head_url: str | None) -> str:
+    """Explicit URL, else `$GSWARM_HEAD_URL`, else http://localhost:8100."""
+    url = head_url or os.environ.get("GSWARM_HEAD_URL") or DEFAULT_HEAD_URL
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+def resolve_token(token: str | None) -> str:
+    """Explicit token, else `$GSWARM_TOKEN`, else the local head's api token, else ''."""
+    if token:
+        return token
+    env = os.environ.get("GSWARM_TOKEN")
+    if env:
+        return env
+    tokens = load_tokens()
+    return tokens.api_token if tokens else ""
+
+
+_ModelList = msgspec.json.Decoder(dict[str, list[ModelView]])
+_NodeList = msgspec.json.Decoder(dict[str, list[Node]])
+_OpList = msgspec.json.Decoder(dict[str, list[Op]])
+
+
+class _EventPage(msgspec.Struct):
+    events: list[Event]
+    last_seq: int
+
+
+class GswarmClient:
+    """Async client of one head."""
+
+    def __init__(self, head_url: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
+        self.head_url = resolve_head_url(head_url)
+        self.token = resolve_token(token)
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> GswarmClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self._headers())
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        """One REST call; the raw JSON body on success, the head's error raised otherwise."""
+        data = msgspec.json.encode(body) if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        try:
+            async with self._http().request(
+                method,
+                self.head_url + path,
+                data=data,
+                params=params,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    try:
+                        payload = msgspec.json.decode(raw)
+                    except msgspec.DecodeError:
+                        payload = raw.decode(errors="replace")
+                    raise from_payload(resp.status, payload)
+                return raw
+        except aiohttp.ClientConnectionError as exc:
+            raise HeadUnreachable(f"cannot reach the head at {self.head_url}: {exc}") from None
+        except TimeoutError:
+            raise HeadUnreachable(f"the head at {self.head_url} did not answer in time") from None
+
+    async def _get(self, path: str, typ: type[T], params: dict[str, str] | None = None) -> T:
+        return msgspec.json.decode(await self.request("GET", path, params=params), type=typ)
+
+    # ------------------------------------------------------------ system
+
+    async def info(self) -> dict[str, Any]:
+        """`GET /`."""
+        return await self._get("/", dict[str, Any])
+
+    async def health(self) -> dict[str, Any]:
+        """`GET /health`."""
+        return await self._get("/health", dict[str, Any])
+
+    # ------------------------------------------------------------ models
+
+    async def list_models(self) -> list[ModelView]:
+        """Every model with its locations."""
+        return _ModelList.decode(await self.request("GET", "/models"))["models"]
+
+    async def get_model(self, name: str) -> ModelView:
+        """One model with its locations."""
+        return await self._get(f"/models/{quote(name, safe='')}", ModelView)
+
+    async def register_model(
+        self,
+        name: str,
+        type_: str,
+        source_url: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ModelView:
+        """Register a model."""
+        body = {"name": name, "type": type_, "source_url": source_url, "metadata": metadata or {}}
+        return msgspec.json.decode(await self.request("POST", "/models", body), type=ModelView)
+
+    async def delete_model(self, name: str) -> dict[str, Any]:
+        """Remove a model from the registry."""
+        raw = await self.request("DELETE", f"/models/{quote(name, safe='')}")
+        return msgspec.json.decode(raw, type=dict[str, Any])
+
+    # ------------------------------------------------------------ nodes
+
+    async def list_nodes(self) -> list[Node]:
+        """Every node known to the head."""
+        return _NodeList.decode(await self.request("GET", "/nodes"))["nodes"]
+
+    async def get_node(self, node_id: str) -> Node:
+        """One node."""
+        return await self._get(f"/nodes/{quote(node_id, safe='')}", Node)
+
+    async def probe(self, node_id: str, wait: bool = False) -> Op:
+        """Ask a node's agent to re-read its inventory and holdings."""
+        params = {"wait": "true"} if wait else None
+        raw = await self.request("POST", f"/nodes/{quote(node_id, safe='')}/probe", {}, params)
+        return msgspec.json.decode(raw, type=Op)
+
+    # ------------------------------------------------------------ ops
+
+    async def list_ops(self, **filters: str) -> list[Op]:
+        """Ops, newest first (filters: node, state, kind, limit)."""
+        return _OpList.decode(await self.request("GET", "/ops", params=filters or None))["ops"]
+
+    async def get_op(self, op_id: str) -> Op:
+        """One op."""
+        return await self._get(f"/ops/{quote(op_id, safe='')}", Op)
+
+    async def cancel_op(self, op_id: str) -> Op:
+        """Cancel an op."""
+        raw = await self.request("POST", f"/ops/{quote(op_id, safe='')}/cancel", {})
+        return msgspec.json.decode(raw, type=Op)
+
+    async def wait_op(
+        self,
+        op_id: str,
+        on_progress: Callable[[Op], None] | None = None,
+        timeout: float | None = None,
+    ) -> Op:
+        """Follow an op's events until it ends; returns the final op."""
+
+        async def follow() -> Op:
+            async for msg in self.events(since=None, topics=["op"]):
+                if isinstance(msg, Notice):
+                    if msg.code == "live":
+                        op = await self.get_op(op_id)
+                        if on_progress is not None:
+                            on_progress(op)
+                        if op.terminal:
+                            return op
+                    elif msg.code == "dropped":
+                        raise GswarmError(f"event stream dropped: {msg.message}")
+                    continue
+                if msg.key != op_id:
+                    continue
+                op = msgspec.convert(msg.data, Op)
+                if on_progress is not None:
+                    on_progress(op)
+                if op.terminal:
+                    return op
+            return await self.get_op(op_id)
+
+        return await asyncio.wait_for(follow(), timeout)
+
+    # ------------------------------------------------------------ events
+
+    async def list_events(self, since: int = 0, topics: Iterable[str] = (), limit: int = 1000) -> list[Event]:
+        """Past events after `since`."""
+        params = {"since": str(since), "limit": str(limit)}
+        if topics:
+            params["topic"] = ",".join(topics)
+        return (await self._get("/events", _EventPage, params)).events
+
+    async def events(
+        self, since: int | None = None, topics: Iterable[str] = ()
+    ) -> AsyncIterator[Event | Notice]:
+        """Follow the event socket: replay after `since` (if given), then live events."""
+        params: dict[str, str] = {}
+        if since is not None:
+            params["since"] = str(since)
+        if topics:
+            params["topic"] = ",".join(topics)
+        url = self.head_url.replace("http", "ws", 1) + "/ws/events"
+        try:
+            ws = await self._http().ws_connect(
+                url, params=params, heartbeat=10.0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise from_payload(exc.status, {"error": {"message": exc.message}}) from None
+        except aiohttp.ClientConnectionError as exc:
+            raise HeadUnreachable(f"cannot reach the head at {self.head_url}: {exc}") from None
+        try:
+            async for frame in ws:
+                if frame.type != aiohttp.WSMsgType.TEXT:
+                    break
+                yield subscriber_message_decoder.decode(frame.data)
+        finally:
+            await ws.close()
+
+
+class SyncClient:
+    """Blocking wrapper: every async method of GswarmClient, run to completion per call.
+
+    Not for use inside a running event loop.
+    """
+
+    def __init__(self, head_url: str | None = None, token: str | None = None, timeout: float = 30.0):
+        self._args = (head_url, token, timeout)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(GswarmClient, name, None)
+        if method is None or name.startswith("_") or name == "events":
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            async def run() -> Any:
+                async with GswarmClient(*self._args) as client:
+                    return await getattr(client, name)(*args, **kwargs)
+
+            return asyncio.run(run())
+
+        return call

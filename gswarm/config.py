@@ -1,0 +1,112 @@
+"""Every default in one place, each overridable by an environment variable `GSWARM_<NAME>`.
+
+No I/O here except reading the environment and, in `load_tokens`, one small file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import msgspec
+
+DEFAULT_PORT = 8100
+DEFAULT_HEAD_URL = f"http://localhost:{DEFAULT_PORT}"
+TOKENS_FILE = "tokens.json"
+
+
+def default_state_dir() -> Path:
+    """The head's state directory: `$GSWARM_STATE_DIR`, else `~/.local/share/gswarm`."""
+    env = os.environ.get("GSWARM_STATE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gswarm"
+
+
+def default_disk_dir() -> Path:
+    """Where an agent keeps its `disk` tier: `$GSWARM_DISK_DIR`, else the user's cache dir."""
+    env = os.environ.get("GSWARM_DISK_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gswarm" / "models"
+
+
+def default_dram_dir() -> Path:
+    """Where an agent keeps its `dram` tier (a tmpfs): `$GSWARM_DRAM_DIR`, else /dev/shm/gswarm."""
+    return Path(os.environ.get("GSWARM_DRAM_DIR", "/dev/shm/gswarm")).expanduser()
+
+
+@dataclass
+class Settings:
+    """Tunables shared by head and agent. Each field reads `GSWARM_<FIELD>` when built by `from_env`."""
+
+    heartbeat_interval: float = 5.0
+    """Seconds between an agent's heartbeats (fresh resource figures)."""
+    offline_after: float = 15.0
+    """A node that has not been heard from for this long is marked offline."""
+    reconnect_grace: float = 2.0
+    """A dropped agent connection marks its node offline only if it is not back within this time."""
+    ws_ping_interval: float = 5.0
+    """Websocket ping/pong interval, both ends; a missing pong closes the connection."""
+    op_timeout: float = 6 * 3600.0
+    """Default per-op timeout in seconds."""
+    max_body_bytes: int = 1 << 20
+    """Largest REST request body."""
+    max_ws_message_bytes: int = 8 << 20
+    """Largest websocket message either way."""
+    subscriber_queue: int = 2048
+    """Events an event subscriber may have waiting before it is dropped as slow."""
+    event_ring: int = 20_000
+    """Events kept in memory for replay; older ones are read back from SQLite."""
+    progress_interval: float = 0.2
+    """An agent sends at most one progress message per op per this many seconds."""
+    reconnect_min: float = 0.5
+    """First reconnect backoff of an agent, seconds."""
+    reconnect_max: float = 10.0
+    """Largest reconnect backoff of an agent, seconds."""
+    hello_timeout: float = 10.0
+    """How long the head waits for an agent's Hello, and the agent for the Welcome."""
+    request_timeout: float = 30.0
+    """Client-side timeout of one REST request."""
+    sweep_interval: float = 0.5
+    """How often the head checks liveness and op deadlines."""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides: float | int | None) -> Settings:
+        """Defaults, then `GSWARM_*` environment variables, then explicit non-None overrides."""
+        settings = cls()
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            raw = os.environ.get(f"GSWARM_{f.name.upper()}")
+            if raw is not None:
+                kind = type(getattr(settings, f.name))
+                try:
+                    setattr(settings, f.name, kind(raw))
+                except ValueError as exc:
+                    raise ValueError(f"GSWARM_{f.name.upper()}={raw!r}: {exc}") from None
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(settings, name, value)
+        return settings
+
+
+class Tokens(msgspec.Struct):
+    """Secrets a head creates at first start: REST access, agent join, transfer signing."""
+
+    api_token: str
+    join_token: str
+    transfer_key: str = ""
+
+
+def load_tokens(state_dir: Path | None = None) -> Tokens | None:
+    """The tokens of a head whose state dir is on this machine, or None when there is none."""
+    path = (state_dir or default_state_dir()) / TOKENS_FILE
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Tokens)
+    except (OSError, msgspec.DecodeError):
+        return None

@@ -1,0 +1,1 @@
+"""The head: one aiohttp server with the REST API, the agent socket and the event socket."""

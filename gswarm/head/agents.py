@@ -1,0 +1,214 @@
+"""The agent socket `/ws/agent`: handshake, the message loop, liveness.
+
+An agent authenticates with its first message (`Hello`, carrying the join token); anything
+else, an invalid frame or a wrong token closes the socket with a 44xx code and a reason, and
+nothing else on the head is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from gswarm import PROTOCOL_VERSION
+from gswarm.devices import NODE_ID_RE
+from gswarm.protocol import (
+    Accepted,
+    Failed,
+    HeadMessage,
+    Heartbeat,
+    Hello,
+    Progress,
+    Succeeded,
+    Welcome,
+    agent_message_decoder,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from gswarm.head.app import Head
+
+log = logging.getLogger(__name__)
+
+CLOSE_BAD_MESSAGE = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_DUPLICATE = 4409
+CLOSE_INCOMPATIBLE = 4426
+CLOSE_REPLACED = 4000
+CLOSE_SHUTDOWN = 1001
+
+
+class AgentConnection:
+    """One connected agent."""
+
+    def __init__(self, node_id: str, instance_id: str, ws: web.WebSocketResponse, peer: str):
+        self.node_id = node_id
+        self.instance_id = instance_id
+        self.ws = ws
+        self.peer = peer
+        self.connected_at = time.time()
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, msg: HeadMessage) -> None:
+        """Send one message; a dead socket is logged, not raised (the op is re-sent later)."""
+        data = encode(msg).decode()
+        try:
+            async with self._send_lock:
+                await asyncio.wait_for(self.ws.send_str(data), 10.0)
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            log.info("send to %s failed: %s", self.node_id, exc)
+
+
+async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    # Close reasons must fit in a control frame (123 bytes).
+    msg = reason.encode()[:120].decode(errors="ignore")
+    try:
+        await asyncio.wait_for(ws.close(code=code, message=msg.encode()), 5.0)
+    except (TimeoutError, ConnectionError):
+        pass
+
+
+class AgentHub:
+    """Every live agent connection, by node id."""
+
+    def __init__(self, head: Head) -> None:
+        self._head = head
+        self._conns: dict[str, AgentConnection] = {}
+        self._all_ws: set[web.WebSocketResponse] = set()
+
+    def get(self, node_id: str) -> AgentConnection | None:
+        """The live connection of a node, if any."""
+        return self._conns.get(node_id)
+
+    @property
+    def count(self) -> int:
+        """Connected agents."""
+        return len(self._conns)
+
+    async def close_all(self) -> None:
+        """Close every agent socket (head shutting down)."""
+        await asyncio.gather(*(_close(ws, CLOSE_SHUTDOWN, "head shutting down") for ws in list(self._all_ws)))
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        """The `/ws/agent` route."""
+        settings = self._head.settings
+        ws = web.WebSocketResponse(
+            heartbeat=settings.ws_ping_interval,
+            max_msg_size=settings.max_ws_message_bytes,
+            timeout=5.0,
+        )
+        await ws.prepare(request)
+        self._all_ws.add(ws)
+        conn: AgentConnection | None = None
+        try:
+            hello = await self._handshake(ws)
+            if hello is None:
+                return ws
+            conn = await self._admit(ws, hello, request.remote or "")
+            if conn is None:
+                return ws
+            await self._loop(conn)
+        finally:
+            self._all_ws.discard(ws)
+            if conn is not None and self._conns.get(conn.node_id) is conn:
+                del self._conns[conn.node_id]
+                self._head.registry.node_disconnected(conn.node_id)
+                log.info("agent %s disconnected", conn.node_id)
+        return ws
+
+    async def _handshake(self, ws: web.WebSocketResponse) -> Hello | None:
+        try:
+            msg = await asyncio.wait_for(ws.receive(), self._head.settings.hello_timeout)
+        except TimeoutError:
+            await _close(ws, CLOSE_BAD_MESSAGE, "no hello within the timeout")
+            return None
+        if msg.type != WSMsgType.TEXT:
+            await _close(ws, CLOSE_BAD_MESSAGE, "expected a hello text frame")
+            return None
+        try:
+            hello = agent_message_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await _close(ws, CLOSE_BAD_MESSAGE, f"invalid message: {exc}")
+            return None
+        if not isinstance(hello, Hello):
+            await _close(ws, CLOSE_UNAUTHORIZED, "unauthenticated: the first message must be hello")
+            return None
+        tokens = self._head.tokens
+        if not any(
+            hmac.compare_digest(hello.token.encode(), t.encode())
+            for t in (tokens.join_token, tokens.api_token)
+        ):
+            await _close(ws, CLOSE_UNAUTHORIZED, "unauthorized: wrong join token")
+            return None
+        if hello.protocol_version != PROTOCOL_VERSION:
+            await _close(
+                ws,
+                CLOSE_INCOMPATIBLE,
+                f"incompatible protocol {hello.protocol_version}: head speaks {PROTOCOL_VERSION}",
+            )
+            return None
+        if not NODE_ID_RE.fullmatch(hello.node_id):
+            await _close(ws, CLOSE_BAD_MESSAGE, f"invalid node id {hello.node_id[:64]!r}")
+            return None
+        return hello
+
+    async def _admit(self, ws: web.WebSocketResponse, hello: Hello, peer: str) -> AgentConnection | None:
+        old = self._conns.get(hello.node_id)
+        if old is not None and not old.ws.closed:
+            if old.instance_id != hello.instance_id:
+                await _close(
+                    ws,
+                    CLOSE_DUPLICATE,
+                    f"node id {hello.node_id} is already online (connected from {old.peer})",
+                )
+                return None
+            # The same agent process reconnecting: its old socket is dead, take over.
+            await _close(old.ws, CLOSE_REPLACED, "replaced by a new connection of the same agent")
+        conn = AgentConnection(hello.node_id, hello.instance_id, ws, peer)
+        self._conns[hello.node_id] = conn
+        head = self._head
+        head.commit(
+            head.registry.node_connected(
+                hello.node_id, hello.inventory, hello.holdings, hello.agent_version, hello.data_url
+            )
+        )
+        head.commit(head.reconcile_holdings(hello.node_id, hello.holdings))
+        await conn.send(
+            Welcome(
+                node_id=hello.node_id,
+                heartbeat_interval=head.settings.heartbeat_interval,
+                server_time=time.time(),
+            )
+        )
+        log.info("agent %s connected from %s", hello.node_id, peer)
+        await head.dispatcher.agent_ready(hello.node_id, hello.running, hello.finished)
+        return conn
+
+    async def _loop(self, conn: AgentConnection) -> None:
+        head = self._head
+        async for msg in conn.ws:
+            if msg.type != WSMsgType.TEXT:
+                if msg.type == WSMsgType.BINARY:
+                    await _close(conn.ws, CLOSE_BAD_MESSAGE, "binary frames are not spoken here")
+                break
+            try:
+                decoded = agent_message_decoder.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                await _close(conn.ws, CLOSE_BAD_MESSAGE, f"invalid message: {exc}")
+                break
+            match decoded:
+                case Heartbeat(inventory=inventory):
+                    head.commit(head.registry.node_heartbeat(conn.node_id, inventory))
+                case Accepted() | Progress() | Succeeded() | Failed():
+                    if self._conns.get(conn.node_id) is conn:
+                        head.registry.nodes[conn.node_id].last_seen = time.time()
+                    await head.dispatcher.handle(conn.node_id, decoded)
+                case Hello():
+                    await _close(conn.ws, CLOSE_BAD_MESSAGE, "hello sent twice")
+                    break

@@ -1,0 +1,297 @@
+"""Every message on the wire, as msgspec Structs, with decoders built once.
+
+Three families:
+- registry entities (Model, Node, Location, Op) as they appear in REST answers and events;
+- the agent socket: `AgentMessage` (agent -> head) and `HeadMessage` (head -> agent) unions,
+  tagged by a `type` field;
+- events (`Event`) and notices on the subscriber socket.
+
+Every field added later gets a default, so an agent one version apart still talks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+# ---------------------------------------------------------------- inventory
+
+
+class TierInfo(msgspec.Struct, omit_defaults=True):
+    """One storage tier on a node: where it lives and how full it is."""
+
+    name: str
+    path: str
+    capacity: int
+    free: int
+
+
+class GpuInfo(msgspec.Struct, omit_defaults=True):
+    """One GPU as the node sees it (from NVML, or simulated)."""
+
+    index: int
+    name: str
+    uuid: str
+    memory_total: int
+    memory_free: int
+    utilization: int = 0
+    simulated: bool = False
+
+
+class Inventory(msgspec.Struct, omit_defaults=True):
+    """What a node has: identity, addresses, tiers, GPUs, memory."""
+
+    hostname: str = ""
+    addresses: list[str] = msgspec.field(default_factory=list)
+    cpu_count: int = 0
+    memory_total: int = 0
+    memory_available: int = 0
+    tiers: list[TierInfo] = msgspec.field(default_factory=list)
+    gpus: list[GpuInfo] = msgspec.field(default_factory=list)
+    gpu_error: str = ""
+
+
+class Holding(msgspec.Struct, omit_defaults=True):
+    """A published copy of a model on one tier of a node."""
+
+    model: str
+    tier: str
+    path: str
+    size: int
+    files: int = 0
+
+
+# ---------------------------------------------------------------- registry entities
+
+
+class Model(msgspec.Struct, omit_defaults=True):
+    """A registered model."""
+
+    name: str
+    type: str
+    source_url: str | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    created_at: float = 0.0
+
+
+class Location(msgspec.Struct, omit_defaults=True):
+    """One copy of a model on one device."""
+
+    model: str
+    device: str
+    state: str
+    size: int = 0
+    path: str = ""
+    updated_at: float = 0.0
+    op_id: str | None = None
+
+
+class ModelView(msgspec.Struct, omit_defaults=True):
+    """A model as REST answers show it: the registration plus every known copy."""
+
+    name: str
+    type: str
+    source_url: str | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    created_at: float = 0.0
+    locations: list[Location] = msgspec.field(default_factory=list)
+
+
+class Node(msgspec.Struct, omit_defaults=True):
+    """A machine known to the head, with the agent's latest report."""
+
+    node_id: str
+    status: str = "offline"
+    hostname: str = ""
+    addresses: list[str] = msgspec.field(default_factory=list)
+    agent_version: str = ""
+    data_url: str = ""
+    inventory: Inventory = msgspec.field(default_factory=Inventory)
+    holdings: list[Holding] = msgspec.field(default_factory=list)
+    connected: bool = False
+    registered_at: float = 0.0
+    status_since: float = 0.0
+    last_seen: float = 0.0
+    legacy: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class OpProgress(msgspec.Struct, omit_defaults=True):
+    """How far an op has come: units done of total (bytes where it moves bytes)."""
+
+    done: int = 0
+    total: int = 0
+    rate: float = 0.0
+    message: str = ""
+
+
+class OpError(msgspec.Struct):
+    """Why an op failed."""
+
+    code: str
+    message: str
+
+
+OP_STATES_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class Op(msgspec.Struct, omit_defaults=True):
+    """One unit of work on one node."""
+
+    op_id: str
+    kind: str
+    node_id: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    state: str = "queued"
+    progress: OpProgress = msgspec.field(default_factory=OpProgress)
+    result: dict[str, Any] | None = None
+    error: OpError | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    timeout: float = 0.0
+    attempts: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        """True once the op has succeeded, failed or been cancelled."""
+        return self.state in OP_STATES_TERMINAL
+
+
+# ---------------------------------------------------------------- agent -> head
+
+
+class Hello(msgspec.Struct, tag="hello", tag_field="type", omit_defaults=True):
+    """First message of an agent: who it is, what it has, what it still runs or finished."""
+
+    node_id: str
+    token: str
+    protocol_version: int
+    instance_id: str
+    agent_version: str = ""
+    data_url: str = ""
+    inventory: Inventory = msgspec.field(default_factory=Inventory)
+    holdings: list[Holding] = msgspec.field(default_factory=list)
+    running: list[str] = msgspec.field(default_factory=list)
+    finished: list[str] = msgspec.field(default_factory=list)
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", omit_defaults=True):
+    """Periodic fresh resource figures."""
+
+    inventory: Inventory
+
+
+class Accepted(msgspec.Struct, tag="accepted", tag_field="type"):
+    """The agent has taken an op and started it."""
+
+    op_id: str
+
+
+class Progress(msgspec.Struct, tag="progress", tag_field="type", omit_defaults=True):
+    """Coalesced progress of a running op."""
+
+    op_id: str
+    done: int = 0
+    total: int = 0
+    rate: float = 0.0
+    message: str = ""
+
+
+class Succeeded(msgspec.Struct, tag="succeeded", tag_field="type", omit_defaults=True):
+    """An op finished; `result` is kind-specific."""
+
+    op_id: str
+    result: dict[str, Any] = msgspec.field(default_factory=dict)
+    holdings: list[Holding] | None = None
+
+
+class Failed(msgspec.Struct, tag="failed", tag_field="type", omit_defaults=True):
+    """An op failed (code `cancelled` when it was cancelled)."""
+
+    op_id: str
+    error: OpError
+    holdings: list[Holding] | None = None
+
+
+AgentMessage = Hello | Heartbeat | Accepted | Progress | Succeeded | Failed
+
+# ---------------------------------------------------------------- head -> agent
+
+
+class Welcome(msgspec.Struct, tag="welcome", tag_field="type"):
+    """The head accepted the agent."""
+
+    node_id: str
+    heartbeat_interval: float
+    server_time: float
+
+
+class Command(msgspec.Struct, tag="command", tag_field="type", omit_defaults=True):
+    """Run an op. Delivered at least once; the agent ignores a duplicate op_id."""
+
+    op_id: str
+    kind: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    timeout: float = 0.0
+
+
+class Cancel(msgspec.Struct, tag="cancel", tag_field="type"):
+    """Stop an op."""
+
+    op_id: str
+
+
+class Ack(msgspec.Struct, tag="ack", tag_field="type"):
+    """The head has recorded the op's final result; the agent may forget it."""
+
+    op_id: str
+
+
+HeadMessage = Welcome | Command | Cancel | Ack
+
+# ---------------------------------------------------------------- events
+
+
+class Event(msgspec.Struct, tag="event", tag_field="type", omit_defaults=True):
+    """An immutable record of a change. `seq` increases across the cluster."""
+
+    seq: int
+    ts: float
+    kind: str
+    key: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def topic(self) -> str:
+        """The entity family: the part of `kind` before the dot (model, node, op, ...)."""
+        return self.kind.partition(".")[0]
+
+
+class Notice(msgspec.Struct, tag="notice", tag_field="type", omit_defaults=True):
+    """A word to a subscriber: replay done, or why it is being dropped."""
+
+    code: str
+    message: str
+    last_seq: int = 0
+
+
+SubscriberMessage = Event | Notice
+
+# ---------------------------------------------------------------- codecs, built once
+
+encoder = msgspec.json.Encoder()
+agent_message_decoder = msgspec.json.Decoder(AgentMessage)
+head_message_decoder = msgspec.json.Decoder(HeadMessage)
+subscriber_message_decoder = msgspec.json.Decoder(SubscriberMessage)
+event_decoder = msgspec.json.Decoder(Event)
+
+
+def encode(msg: Any) -> bytes:
+    """JSON-encode any message or entity."""
+    return encoder.encode(msg)
+
+
+def to_builtins(obj: Any) -> Any:
+    """Entity to plain dicts and lists (for events and REST answers)."""
+    return msgspec.to_builtins(obj)

@@ -1,0 +1,348 @@
+"""The cluster's state machine: models, nodes, locations and ops. No I/O.
+
+Each mutation checks its preconditions (raising a GswarmError), changes the in-memory state
+and returns the events that describe the change. Whoever calls it persists and publishes
+those events; an event's `data` is the full new state of the entity it names, so the event
+log alone is enough to rebuild the tables.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from gswarm.devices import validate_model_name
+from gswarm.errors import Conflict, NotFound
+from gswarm.protocol import (
+    Event,
+    Holding,
+    Inventory,
+    Location,
+    Model,
+    Node,
+    Op,
+    OpError,
+    OpProgress,
+    to_builtins,
+)
+
+# A heartbeat becomes a `node.updated` event only when free space moved by more than this
+# fraction of capacity, or something else in the inventory changed: heartbeats of a thousand
+# idle nodes must not flood subscribers.
+_FREE_CHANGE_FRACTION = 0.01
+
+
+def _inventory_changed(old: Inventory, new: Inventory) -> bool:
+    if (old.hostname, old.addresses, len(old.tiers), len(old.gpus), old.gpu_error) != (
+        new.hostname,
+        new.addresses,
+        len(new.tiers),
+        len(new.gpus),
+        new.gpu_error,
+    ):
+        return True
+    for a, b in zip(old.tiers, new.tiers, strict=True):
+        if a.capacity != b.capacity or abs(a.free - b.free) > a.capacity * _FREE_CHANGE_FRACTION:
+            return True
+    for ga, gb in zip(old.gpus, new.gpus, strict=True):
+        if abs(ga.memory_free - gb.memory_free) > ga.memory_total * _FREE_CHANGE_FRACTION:
+            return True
+    return False
+
+
+def location_key(model: str, device: str) -> str:
+    """The event key of a location."""
+    return f"{model}@{device}"
+
+
+class Registry:
+    """In-memory registry; every mutation returns its events."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, Model] = {}
+        self.nodes: dict[str, Node] = {}
+        self.locations: dict[tuple[str, str], Location] = {}
+        self.ops: dict[str, Op] = {}
+        self.last_seq = 0
+
+    # ------------------------------------------------------------ loading
+
+    def load(
+        self,
+        models: Iterable[Model],
+        nodes: Iterable[Node],
+        locations: Iterable[Location],
+        ops: Iterable[Op],
+        last_seq: int,
+    ) -> None:
+        """Restore state read back from storage (no events)."""
+        self.models = {m.name: m for m in models}
+        self.nodes = {n.node_id: n for n in nodes}
+        self.locations = {(loc.model, loc.device): loc for loc in locations}
+        self.ops = {o.op_id: o for o in ops}
+        self.last_seq = last_seq
+        now = time.time()
+        for node in self.nodes.values():
+            # No connection survives a restart; an agent that comes back within the offline
+            # window keeps its node online without a flap.
+            node.connected = False
+            node.last_seen = now
+
+    def _event(self, kind: str, key: str, entity: Any) -> Event:
+        self.last_seq += 1
+        return Event(seq=self.last_seq, ts=time.time(), kind=kind, key=key, data=to_builtins(entity))
+
+    # ------------------------------------------------------------ models
+
+    def get_model(self, name: str) -> Model:
+        """The model, or NotFound."""
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFound(f"model {name!r} is not registered", code="model_not_found") from None
+
+    def register_model(
+        self, name: str, type_: str, source_url: str | None, metadata: dict[str, Any]
+    ) -> tuple[Model, list[Event]]:
+        """Add a model; Conflict if the name is taken."""
+        validate_model_name(name)
+        if name in self.models:
+            raise Conflict(f"model {name!r} is already registered", code="already_exists")
+        model = Model(name=name, type=type_, source_url=source_url, metadata=metadata, created_at=time.time())
+        self.models[name] = model
+        return model, [self._event("model.registered", name, model)]
+
+    def delete_model(self, name: str) -> list[Event]:
+        """Remove a model and every location record of it from the registry."""
+        model = self.get_model(name)
+        events = [
+            self._event("location.deleted", location_key(name, dev), loc)
+            for (m, dev), loc in list(self.locations.items())
+            if m == name
+        ]
+        for key in [k for k in self.locations if k[0] == name]:
+            del self.locations[key]
+        del self.models[name]
+        events.append(self._event("model.deleted", name, model))
+        return events
+
+    def model_locations(self, name: str) -> list[Location]:
+        """Every known copy of a model."""
+        return [loc for (m, _), loc in sorted(self.locations.items()) if m == name]
+
+    # ------------------------------------------------------------ nodes
+
+    def get_node(self, node_id: str) -> Node:
+        """The node, or NotFound."""
+        try:
+            return self.nodes[node_id]
+        except KeyError:
+            raise NotFound(f"node {node_id!r} is not known", code="node_not_found") from None
+
+    def node_connected(
+        self,
+        node_id: str,
+        inventory: Inventory,
+        holdings: list[Holding],
+        agent_version: str,
+        data_url: str,
+    ) -> list[Event]:
+        """An agent said Hello: the node is online with this inventory."""
+        now = time.time()
+        node = self.nodes.get(node_id)
+        events: list[Event] = []
+        fresh = node is None
+        if node is None:
+            node = Node(node_id=node_id, registered_at=now, status_since=now)
+            self.nodes[node_id] = node
+        was_online = node.status == "online"
+        node.connected = True
+        node.last_seen = now
+        node.hostname = inventory.hostname
+        node.addresses = inventory.addresses
+        node.inventory = inventory
+        node.holdings = holdings
+        node.agent_version = agent_version
+        node.data_url = data_url
+        if not was_online:
+            node.status = "online"
+            node.status_since = now
+        kind = "node.registered" if fresh else ("node.updated" if was_online else "node.online")
+        events.append(self._event(kind, node_id, node))
+        return events
+
+    def node_heartbeat(self, node_id: str, inventory: Inventory) -> list[Event]:
+        """Fresh figures from a connected agent; an event only when they really changed."""
+        node = self.get_node(node_id)
+        node.last_seen = time.time()
+        changed = _inventory_changed(node.inventory, inventory)
+        node.inventory = inventory
+        events: list[Event] = []
+        if node.status != "online":
+            node.status = "online"
+            node.status_since = node.last_seen
+            events.append(self._event("node.online", node_id, node))
+        elif changed:
+            events.append(self._event("node.updated", node_id, node))
+        return events
+
+    def node_disconnected(self, node_id: str) -> None:
+        """The agent's socket closed; the node goes offline only if it does not come back."""
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.connected = False
+
+    def node_offline(self, node_id: str, reason: str) -> list[Event]:
+        """Mark a node offline (idempotent)."""
+        node = self.get_node(node_id)
+        if node.status == "offline":
+            return []
+        node.status = "offline"
+        node.status_since = time.time()
+        node.connected = False
+        node.legacy["offline_reason"] = reason
+        return [self._event("node.offline", node_id, node)]
+
+    def stale_nodes(self, now: float, offline_after: float, grace: float) -> list[str]:
+        """Online nodes that have gone silent, or lost their socket more than `grace` ago."""
+        stale = []
+        for node in self.nodes.values():
+            if node.status != "online":
+                continue
+            silent = now - node.last_seen
+            if silent > offline_after or (not node.connected and silent > grace and node.agent_version):
+                stale.append(node.node_id)
+        return stale
+
+    def legacy_register_node(
+        self, node_id: str, hostname: str, ip_address: str, storage: dict[str, Any], gpus: int
+    ) -> tuple[Node, list[Event]]:
+        """`POST /nodes` of the original API: record a node before (or without) an agent."""
+        now = time.time()
+        node = self.nodes.get(node_id)
+        fresh = node is None
+        if node is None:
+            node = Node(node_id=node_id, registered_at=now, status_since=now)
+            self.nodes[node_id] = node
+        node.hostname = hostname or node.hostname
+        if ip_address and ip_address not in node.addresses:
+            node.addresses = [ip_address, *node.addresses]
+        node.legacy.update({"storage_devices": storage, "gpu_count": gpus})
+        node.last_seen = now
+        return node, [self._event("node.registered" if fresh else "node.updated", node_id, node)]
+
+    def legacy_heartbeat(self, node_id: str) -> list[Event]:
+        """`POST /nodes/{id}/heartbeat` of the original API."""
+        node = self.get_node(node_id)
+        node.last_seen = time.time()
+        if node.status != "online":
+            node.status = "online"
+            node.status_since = node.last_seen
+            return [self._event("node.online", node_id, node)]
+        return []
+
+    # ------------------------------------------------------------ ops
+
+    def get_op(self, op_id: str) -> Op:
+        """The op, or NotFound."""
+        try:
+            return self.ops[op_id]
+        except KeyError:
+            raise NotFound(f"op {op_id!r} does not exist", code="op_not_found") from None
+
+    def create_op(
+        self, kind: str, node_id: str, args: dict[str, Any], timeout: float
+    ) -> tuple[Op, list[Event]]:
+        """A new queued op for a node."""
+        op = Op(
+            op_id=uuid.uuid4().hex[:16],
+            kind=kind,
+            node_id=node_id,
+            args=args,
+            created_at=time.time(),
+            timeout=timeout,
+        )
+        self.ops[op.op_id] = op
+        return op, [self._event("op.created", op.op_id, op)]
+
+    def op_sent(self, op_id: str) -> None:
+        """The command went out on the socket once more (no event: not a state change)."""
+        self.ops[op_id].attempts += 1
+
+    def op_accepted(self, op_id: str) -> list[Event]:
+        """The agent started the op."""
+        op = self.ops.get(op_id)
+        if op is None or op.state != "queued":
+            return []
+        op.state = "running"
+        op.started_at = time.time()
+        return [self._event("op.running", op_id, op)]
+
+    def op_progress(self, op_id: str, progress: OpProgress) -> list[Event]:
+        """New progress figures for a running op."""
+        op = self.ops.get(op_id)
+        if op is None or op.terminal:
+            return []
+        if op.state == "queued":
+            op.state = "running"
+            op.started_at = time.time()
+        op.progress = progress
+        return [self._event("op.progress", op_id, op)]
+
+    def op_finished(
+        self,
+        op_id: str,
+        state: str,
+        result: dict[str, Any] | None = None,
+        error: OpError | None = None,
+    ) -> list[Event]:
+        """The op ended (succeeded, failed or cancelled); a late second ending is ignored."""
+        op = self.ops.get(op_id)
+        if op is None or op.terminal:
+            return []
+        op.state = state
+        op.finished_at = time.time()
+        op.result = result
+        op.error = error
+        if state == "succeeded" and op.progress.total:
+            op.progress.done = op.progress.total
+        return [self._event(f"op.{state}", op_id, op)]
+
+    def open_ops(self, node_id: str | None = None) -> list[Op]:
+        """Ops not yet ended, for one node or all."""
+        return [o for o in self.ops.values() if not o.terminal and (node_id is None or o.node_id == node_id)]
+
+    # ------------------------------------------------------------ locations
+
+    def set_location(
+        self,
+        model: str,
+        device: str,
+        state: str,
+        *,
+        size: int | None = None,
+        path: str | None = None,
+        op_id: str | None = None,
+    ) -> list[Event]:
+        """Create or update the record of one copy."""
+        loc = self.locations.get((model, device))
+        if loc is None:
+            loc = Location(model=model, device=device, state=state)
+            self.locations[(model, device)] = loc
+        loc.state = state
+        if size is not None:
+            loc.size = size
+        if path is not None:
+            loc.path = path
+        loc.op_id = op_id
+        loc.updated_at = time.time()
+        return [self._event("location.updated", location_key(model, device), loc)]
+
+    def remove_location(self, model: str, device: str) -> list[Event]:
+        """Forget one copy (idempotent)."""
+        loc = self.locations.pop((model, device), None)
+        if loc is None:
+            return []
+        return [self._event("location.deleted", location_key(model, device), loc)]

@@ -1,0 +1,187 @@
+"""SQLite persistence of the registry and the event log; the only module that touches the db.
+
+Writes are handed to one writer thread that commits them in batches (WAL mode), so the event
+loop never waits on the disk. An event's `data` holds the full entity, so persisting an event
+means appending it to the log and upserting (or deleting) its entity row; several changes of
+one entity within a batch collapse into one row write. `op.progress` events update the op row
+but are not kept in the log: they are transient, and a long download would flood it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gswarm.protocol import Event, Location, Model, Node, Op, encode, event_decoder
+
+_TABLES = {"model": "models", "node": "nodes", "location": "locations", "op": "ops"}
+_ENTITY_TYPES: dict[str, type[Any]] = {
+    "models": Model,
+    "nodes": Node,
+    "locations": Location,
+    "ops": Op,
+}
+_TRANSIENT_KINDS = frozenset({"op.progress"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, ts REAL, kind TEXT, key TEXT, body BLOB);
+CREATE TABLE IF NOT EXISTS models (key TEXT PRIMARY KEY, body BLOB);
+CREATE TABLE IF NOT EXISTS nodes (key TEXT PRIMARY KEY, body BLOB);
+CREATE TABLE IF NOT EXISTS locations (key TEXT PRIMARY KEY, body BLOB);
+CREATE TABLE IF NOT EXISTS ops (key TEXT PRIMARY KEY, body BLOB);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+@dataclass
+class Snapshot:
+    """Everything read back at start-up."""
+
+    models: list[Model]
+    nodes: list[Node]
+    locations: list[Location]
+    ops: list[Op]
+    last_seq: int
+    recent_events: list[Event]
+
+
+_STOP = object()
+
+
+class Store:
+    """The SQLite database under a state dir, written by a background thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.batches_written = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    # ------------------------------------------------------------ start-up (call in a thread)
+
+    def open_and_load(self, recent: int) -> Snapshot:
+        """Create the schema if needed, read everything back and start the writer thread."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            conn.executescript(_SCHEMA)
+            tables: dict[str, list[Any]] = {}
+            for table, typ in _ENTITY_TYPES.items():
+                rows = conn.execute(f"SELECT body FROM {table}").fetchall()
+                tables[table] = [msgspec.json.decode(r[0], type=typ) for r in rows]
+            row = conn.execute("SELECT MAX(seq) FROM events").fetchone()
+            meta = conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
+            last_seq = max(row[0] or 0, int(meta[0]) if meta else 0)
+            rows = conn.execute("SELECT body FROM events ORDER BY seq DESC LIMIT ?", (recent,)).fetchall()
+            events = [event_decoder.decode(r[0]) for r in reversed(rows)]
+        finally:
+            conn.close()
+        self._thread = threading.Thread(target=self._writer, name="gswarm-store", daemon=True)
+        self._thread.start()
+        return Snapshot(
+            models=tables["models"],
+            nodes=tables["nodes"],
+            locations=tables["locations"],
+            ops=tables["ops"],
+            last_seq=last_seq,
+            recent_events=events,
+        )
+
+    # ------------------------------------------------------------ writes
+
+    def persist(self, events: Sequence[Event]) -> None:
+        """Queue events for writing; returns at once."""
+        if self._error is not None:
+            raise RuntimeError(f"state store failed: {self._error}") from self._error
+        if events:
+            self._queue.put(events)
+
+    def _writer(self) -> None:
+        conn = self._connect()
+        try:
+            while True:
+                item = self._queue.get()
+                batch: list[Event] = []
+                stop = item is _STOP
+                if not stop:
+                    batch.extend(item)
+                while not stop:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                    else:
+                        batch.extend(item)
+                if batch:
+                    self._write(conn, batch)
+                if stop:
+                    return
+        except BaseException as exc:  # surfaced on the next persist()
+            self._error = exc
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, batch: list[Event]) -> None:
+        rows: dict[tuple[str, str], bytes | None] = {}
+        log = []
+        for ev in batch:
+            table = _TABLES.get(ev.topic)
+            if table is not None:
+                deleted = ev.kind.endswith(".deleted")
+                rows[(table, ev.key)] = None if deleted else encode(ev.data)
+            if ev.kind not in _TRANSIENT_KINDS:
+                log.append((ev.seq, ev.ts, ev.kind, ev.key, encode(ev)))
+        conn.execute("BEGIN")
+        conn.executemany("INSERT OR REPLACE INTO events VALUES (?,?,?,?,?)", log)
+        for (table, key), body in rows.items():
+            if body is None:
+                conn.execute(f"DELETE FROM {table} WHERE key=?", (key,))
+            else:
+                conn.execute(
+                    f"INSERT OR REPLACE INTO {table} (key, body) VALUES (?, ?)",
+                    (key, body),
+                )
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(batch[-1].seq),))
+        conn.execute("COMMIT")
+        self.batches_written += 1
+
+    # ------------------------------------------------------------ reads (call in a thread)
+
+    def read_events(self, after: int, until: int, limit: int) -> list[Event]:
+        """Logged events with after < seq <= until, oldest first."""
+        conn = self._connect()
+        try:
+            rows = conn.execute(
+                "SELECT body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (after, until, limit),
+            ).fetchall()
+        finally:
+            conn.close()
+        return [event_decoder.decode(r[0]) for r in rows]
+
+    # ------------------------------------------------------------ shutdown
+
+    async def close(self) -> None:
+        """Write what is queued, then stop the writer thread."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
