@@ -18,7 +18,7 @@ import msgspec
 # ---------------------------------------------------------------- inventory
 
 
-class TierInfo(msgspec.Struct, omit_defaults=True):
+class TierInfo(msgspec.Struct):
     """One storage tier on a node: where it lives and how full it is."""
 
     name: str
@@ -27,7 +27,7 @@ class TierInfo(msgspec.Struct, omit_defaults=True):
     free: int
 
 
-class GpuInfo(msgspec.Struct, omit_defaults=True):
+class GpuInfo(msgspec.Struct):
     """One GPU as the node sees it (from NVML, or simulated)."""
 
     index: int
@@ -39,7 +39,7 @@ class GpuInfo(msgspec.Struct, omit_defaults=True):
     simulated: bool = False
 
 
-class Inventory(msgspec.Struct, omit_defaults=True):
+class Inventory(msgspec.Struct):
     """What a node has: identity, addresses, tiers, GPUs, memory."""
 
     hostname: str = ""
@@ -52,7 +52,7 @@ class Inventory(msgspec.Struct, omit_defaults=True):
     gpu_error: str = ""
 
 
-class Holding(msgspec.Struct, omit_defaults=True):
+class Holding(msgspec.Struct):
     """A published copy of a model on one tier of a node."""
 
     model: str
@@ -65,7 +65,7 @@ class Holding(msgspec.Struct, omit_defaults=True):
 # ---------------------------------------------------------------- registry entities
 
 
-class Model(msgspec.Struct, omit_defaults=True):
+class Model(msgspec.Struct):
     """A registered model."""
 
     name: str
@@ -75,7 +75,7 @@ class Model(msgspec.Struct, omit_defaults=True):
     created_at: float = 0.0
 
 
-class Location(msgspec.Struct, omit_defaults=True):
+class Location(msgspec.Struct):
     """One copy of a model on one device."""
 
     model: str
@@ -87,7 +87,7 @@ class Location(msgspec.Struct, omit_defaults=True):
     op_id: str | None = None
 
 
-class ModelView(msgspec.Struct, omit_defaults=True):
+class ModelView(msgspec.Struct):
     """A model as REST answers show it: the registration plus every known copy."""
 
     name: str
@@ -98,7 +98,7 @@ class ModelView(msgspec.Struct, omit_defaults=True):
     locations: list[Location] = msgspec.field(default_factory=list)
 
 
-class Node(msgspec.Struct, omit_defaults=True):
+class Node(msgspec.Struct):
     """A machine known to the head, with the agent's latest report."""
 
     node_id: str
@@ -116,7 +116,7 @@ class Node(msgspec.Struct, omit_defaults=True):
     legacy: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class OpProgress(msgspec.Struct, omit_defaults=True):
+class OpProgress(msgspec.Struct):
     """How far an op has come: units done of total (bytes where it moves bytes)."""
 
     done: int = 0
@@ -135,7 +135,7 @@ class OpError(msgspec.Struct):
 OP_STATES_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
-class Op(msgspec.Struct, omit_defaults=True):
+class Op(msgspec.Struct):
     """One unit of work on one node."""
 
     op_id: str

@@ -1,0 +1,223 @@
+"""Shared fixtures: real heads and agents on 127.0.0.1, in-process and through the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gswarm.agent.main import Agent
+from gswarm.client import GswarmClient
+from gswarm.config import Settings
+from gswarm.head.app import HeadServer
+
+FAST = {
+    "heartbeat_interval": 0.5,
+    "offline_after": 3.0,
+    "reconnect_grace": 0.5,
+    "reconnect_min": 0.1,
+    "reconnect_max": 0.5,
+    "sweep_interval": 0.1,
+    "ws_ping_interval": 1.0,
+    "hello_timeout": 3.0,
+}
+
+
+def fast_settings(**overrides: Any) -> Settings:
+    """Settings with short intervals so liveness tests run in seconds."""
+    s = Settings()
+    for k, v in {**FAST, **overrides}.items():
+        setattr(s, k, v)
+    return s
+
+
+def fast_env() -> dict[str, str]:
+    """The same short intervals for subprocesses, as GSWARM_* variables."""
+    return {f"GSWARM_{k.upper()}": str(v) for k, v in FAST.items()}
+
+
+async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll `cond` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return fast_settings()
+
+
+@pytest.fixture
+async def head(tmp_path: Path, settings: Settings) -> AsyncIterator[HeadServer]:
+    """A real head on 127.0.0.1, port 0, with SQLite state in tmp_path/state."""
+    server = HeadServer(tmp_path / "state", "127.0.0.1", 0, settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def client(head: HeadServer) -> AsyncIterator[GswarmClient]:
+    async with GswarmClient(head.url, head.head.tokens.api_token) as c:
+        yield c
+
+
+class AgentRunner:
+    """Starts in-process agents and stops them at teardown."""
+
+    def __init__(self, tmp_path: Path, settings: Settings) -> None:
+        self.tmp_path = tmp_path
+        self.settings = settings
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.agents: dict[str, Agent] = {}
+
+    def make(self, url: str, token: str, node_id: str, **kw: Any) -> Agent:
+        base = self.tmp_path / "nodes" / node_id
+        return Agent(url, node_id, token, base / "disk", base / "dram", self.settings, **kw)
+
+    async def start(self, head: HeadServer, node_id: str, **kw: Any) -> Agent:
+        agent = self.make(head.url, head.head.tokens.join_token, node_id, **kw)
+        self.tasks[node_id] = asyncio.create_task(agent.run())
+        self.agents[node_id] = agent
+        await wait_for(agent.session.connected.is_set)
+        return agent
+
+    async def stop(self, node_id: str) -> None:
+        task = self.tasks.pop(node_id)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def stop_all(self) -> None:
+        for node_id in list(self.tasks):
+            await self.stop(node_id)
+
+
+@pytest.fixture
+async def agents(tmp_path: Path, settings: Settings) -> AsyncIterator[AgentRunner]:
+    runner = AgentRunner(tmp_path, settings)
+    try:
+        yield runner
+    finally:
+        await runner.stop_all()
+
+
+# ---------------------------------------------------------------- subprocesses through the CLI
+
+
+class Proc:
+    """A gswarm CLI subprocess with its output captured to a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args = args
+        self.log = log
+        self._f = log.open("wb")
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "gswarm", *args],
+            stdout=self._f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_output(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.output())
+            if m:
+                return m
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not seen in output of {self.args}:\n{self.output()}")
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.p.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.p.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.p.wait()
+        self._f.close()
+        return self.p.returncode
+
+
+class Cli:
+    """Runs gswarm commands as a user would, in an environment of its own."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.env = {
+            **os.environ,
+            **fast_env(),
+            "GSWARM_STATE_DIR": str(tmp_path / "state"),
+            "GSWARM_DISK_DIR": str(tmp_path / "disk"),
+            "GSWARM_DRAM_DIR": str(tmp_path / "dram"),
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "200",
+        }
+        self.env.pop("GSWARM_TOKEN", None)
+        self.env.pop("GSWARM_HEAD_URL", None)
+        self.procs: list[Proc] = []
+
+    def spawn(self, *args: str, env: dict[str, str] | None = None, name: str = "proc") -> Proc:
+        log = self.tmp_path / f"{name}-{len(self.procs)}.log"
+        proc = Proc(list(args), {**self.env, **(env or {})}, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_head(self, port: int = 0, **env: str) -> tuple[Proc, str]:
+        proc = self.spawn("head", "--host", "127.0.0.1", "--port", str(port), env=env, name="head")
+        url = proc.wait_output(r"listening on (http://\S+)").group(1)
+        return proc, url
+
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gswarm", *args],
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            timeout=timeout,
+        )
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    c = Cli(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop_all()
