@@ -48,7 +48,7 @@ DEFAULT_LFS_THRESHOLD = 10 * 1024 * 1024
 
 _LAST_MODIFIED = "2024-01-01T00:00:00.000Z"
 _HASH_CHUNK = 4 * 1024 * 1024
-_FAST_CHUNK = 1024 * 1024
+_FAST_CHUNK = 4 * 1024 * 1024
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 _PLURALS: dict[str, RepoType] = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _URL_PREFIXES: dict[str, RepoType] = {"datasets": "dataset", "spaces": "space"}
@@ -94,7 +94,7 @@ class HubRepo:
     def file_size(self, name: str) -> int:
         """Size in bytes of one file of the repo."""
         source = self.files[name]
-        return len(source) if isinstance(source, bytes) else source.stat().st_size
+        return len(source) if isinstance(source, bytes) else Path(source).stat().st_size
 
     @property
     def commit_sha(self) -> str:
@@ -244,7 +244,8 @@ class HubServer:
     ) -> None:
         """Create a server.
 
-        ``rate_limit``: total bytes/s sent by all responses together (None: unlimited).
+        ``rate_limit``: total bytes/s of ``/resolve`` bodies, shared by all connections
+        (None: unlimited); can be changed later through :attr:`rate_limit`.
         ``fail_after``: ``{filename: n}``; the next GET of that file is cut (connection
         closed) after ``n`` body bytes; each entry is consumed when it fires.
         ``prehash``: hash files in background threads as soon as the server runs.
@@ -263,7 +264,7 @@ class HubServer:
         self._url: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[str]] = set()
-        self._stop_hashing = threading.Event()
+        self._closing = threading.Event()
         for repo in repos:
             self.add_repo(repo)
 
@@ -334,7 +335,7 @@ class HubServer:
         if self._runner is not None:
             raise RuntimeError("HubServer already started")
         self._loop = asyncio.get_running_loop()
-        self._stop_hashing.clear()
+        self._closing.clear()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -355,8 +356,8 @@ class HubServer:
         return self._url
 
     async def stop(self) -> None:
-        """Stop listening, end in-flight responses and hashing threads."""
-        self._stop_hashing.set()
+        """Stop listening; cut in-flight responses and end hashing threads."""
+        self._closing.set()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -402,7 +403,7 @@ class HubServer:
                 entry.digest = cached
                 return cached
         small = isinstance(entry.source, bytes) and entry.size < 1024 * 1024
-        args = (entry.source, entry.size, entry.lfs, self._stop_hashing)
+        args = (entry.source, entry.size, entry.lfs, self._closing)
         digest = _hash_source(*args) if small else await asyncio.to_thread(_hash_source, *args)
         if key is not None:
             self._disk_digests[key] = digest
@@ -639,17 +640,18 @@ class HubServer:
         cut_at = self.fail_after.pop(entry.path, None)
         stop = end + 1 if cut_at is None else min(end + 1, start + max(cut_at, 0))
         try:
-            await self._write_body(resp, entry, start, stop, info)
+            sent = await self._write_body(resp, entry, start, stop, info)
         except ConnectionError:
             return resp  # the client went away
-        if stop <= end and request.transport is not None:
-            request.transport.close()  # flushes what was written, then FIN: a "network cut"
+        if start + sent <= end and request.transport is not None:
+            # fail_after cut or server stopping: flush what was written, then FIN
+            request.transport.close()
         return resp
 
     async def _write_body(
         self, resp: web.StreamResponse, entry: _File, start: int, stop: int, info: dict[str, Any]
-    ) -> None:
-        """Send bytes ``[start, stop)`` of ``entry``, throttled and counted."""
+    ) -> int:
+        """Send bytes ``[start, stop)`` of ``entry``, throttled and counted; returns bytes sent."""
         size = self._limiter.chunk_size() if self._limiter is not None else _FAST_CHUNK
         source = entry.source
         fh = None if isinstance(source, bytes) else await asyncio.to_thread(source.open, "rb")
@@ -657,6 +659,8 @@ class HubServer:
             if fh is not None:
                 fh.seek(start)
             for pos in range(start, stop, size):
+                if self._closing.is_set():
+                    return pos - start
                 count = min(size, stop - pos)
                 if isinstance(source, bytes):
                     data = source[pos : pos + count]
@@ -673,6 +677,7 @@ class HubServer:
         finally:
             if fh is not None:
                 fh.close()
+        return stop - start
 
 
 def _error(

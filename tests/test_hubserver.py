@@ -16,7 +16,6 @@ import aiohttp
 import huggingface_hub
 import pytest
 import pytest_asyncio
-from hubserver import DEFAULT_LFS_THRESHOLD, HubRepo, HubServer, ThreadedHubServer
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     RemoteEntryNotFoundError,
@@ -25,6 +24,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 from yarl import URL
+
+from tests.hubserver import DEFAULT_LFS_THRESHOLD, HubRepo, HubServer, ThreadedHubServer
 
 pytestmark = pytest.mark.asyncio
 
@@ -442,3 +443,20 @@ async def test_lfs_threshold_and_validation(hf_env: None) -> None:
             assert resp.headers["X-Linked-Size"] == "5"
         async with session.head(f"{server.url}/org/ok/resolve/main/small") as resp:
             assert "X-Linked-Size" not in resp.headers
+
+
+async def test_stop_cuts_inflight_download(hf_env: None) -> None:
+    hub = HubServer([HubRepo("org/slow", {"w.bin": b"x" * 4_000_000})], rate_limit=1_000_000)
+    await hub.start()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{hub.url}/org/slow/resolve/main/w.bin") as resp,
+    ):
+        assert resp.status == 200
+        await resp.content.readexactly(100_000)
+        start = time.monotonic()
+        await hub.stop()
+        assert time.monotonic() - start < 1.0
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert 0 < hub.bytes_served["w.bin"] < 4_000_000
