@@ -21,6 +21,15 @@ import msgspec
 import typer
 import yaml
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from gswarm import __version__
@@ -451,6 +460,200 @@ def _print_op(op: Op) -> None:
     if op.error is not None:
         line += f" ({op.error.code}: {op.error.message})"
     out.print(line, highlight=False)
+
+
+DetachOpt = Annotated[bool, typer.Option("--detach", "-d", help="Return at once with the op id.")]
+
+
+async def _ask_cancel(c: Any, op: Op) -> None:
+    """After Ctrl-C: cancel the op, or leave it running (the default without a terminal)."""
+    answer = "n"
+    if sys.stdin.isatty():
+        err.print(f"\ncancel op {op.op_id}? [y/N] ", end="")
+        answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
+    if answer in ("y", "yes"):
+        await c.cancel_op(op.op_id)
+        err.print(f"op {op.op_id} cancelled")
+    else:
+        err.print(
+            f"op {op.op_id} keeps running: 'gswarm ops' follows it, 'gswarm cancel {op.op_id}' stops it"
+        )
+    raise typer.Exit(130)
+
+
+async def follow_op(c: Any, op: Op, detach: bool, json_out: bool, title: str) -> Op:
+    """Show an op's live progress (bytes, rate, ETA) until it ends; Ctrl-C asks what to do."""
+    if detach or op.terminal:
+        return op
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
+    ]
+    try:
+        with Progress(*columns, console=err, transient=False, disable=json_out) as bar:
+            task = bar.add_task(title, total=None, note="")
+
+            def update(o: Op) -> None:
+                p = o.progress
+                bar.update(task, completed=p.done, total=p.total or None, note=p.message or o.state)
+
+            waiter = asyncio.create_task(c.wait_op(op.op_id, on_progress=update))
+            stopper = asyncio.create_task(interrupted.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not waiter.done():
+                waiter.cancel()
+                await asyncio.gather(waiter, return_exceptions=True)
+                bar.stop()
+                await _ask_cancel(c, op)
+            final: Op = waiter.result()
+            if final.state == "succeeded":
+                bar.update(task, completed=final.progress.total or final.progress.done, note="done")
+            return final
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+def _finish_op(op: Op, json_out: bool, detach: bool, what: str) -> None:
+    if json_out:
+        _print_json(op)
+    elif detach and not op.terminal:
+        out.print(op.op_id, highlight=False)
+    elif op.state == "succeeded":
+        result = op.result or {}
+        if result.get("already_present"):
+            out.print(f"{what}: already there, nothing to do ({result.get('path', '')})", highlight=False)
+        else:
+            size = f" ({_size(result['size'])})" if result.get("size") else ""
+            out.print(f"{what}: done{size}", highlight=False)
+    else:
+        _print_op(op)
+    if op.terminal and op.state != "succeeded":
+        raise typer.Exit(1)
+
+
+def _run_op(
+    head_url: str | None,
+    tok: str | None,
+    start: Callable[[Any], Awaitable[Op]],
+    detach: bool,
+    json_out: bool,
+    what: str,
+) -> None:
+    async def main() -> Op:
+        async with _client(head_url, tok) as c:
+            op = await start(c)
+            return await follow_op(c, op, detach, json_out, what)
+
+    _finish_op(run(main()), json_out, detach, what)
+
+
+@app.command()
+def download(
+    model: Annotated[str, typer.Argument(help="Model name (registered on first download)")],
+    source: Annotated[
+        str, typer.Argument(help="https://huggingface.co/ORG/REPO, hf://ORG/REPO@REV, ORG/REPO, URL, file://")
+    ],
+    device: Annotated[str, typer.Argument(help="Target, e.g. node1:disk")],
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="Only files matching (glob).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Skip files matching (glob).")
+    ] = None,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Download a model onto a node's disk or dram, with live progress."""
+    _run_op(
+        head_url,
+        token,
+        lambda c: c.download(model, source, device, allow_patterns=include, ignore_patterns=exclude),
+        detach,
+        json_out,
+        f"download {model} -> {device}",
+    )
+
+
+@app.command()
+def copy(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    source: Annotated[str, typer.Argument(metavar="FROM", help="Source device, e.g. node1:disk")],
+    target: Annotated[str, typer.Argument(metavar="TO", help="Target device, e.g. node1:dram")],
+    verify: Annotated[str, typer.Option(help="size, or sha256 to re-hash the copy")] = "size",
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Copy a model between devices."""
+    _run_op(
+        head_url, token, lambda c: c.copy(model, source, target, verify=verify), detach, json_out,
+        f"copy {model} {source} -> {target}",
+    )  # fmt: skip
+
+
+@app.command()
+def move(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    source: Annotated[str, typer.Argument(metavar="FROM", help="Source device, e.g. node1:disk")],
+    target: Annotated[str, typer.Argument(metavar="TO", help="Target device, e.g. node1:dram")],
+    keep_source: Annotated[bool, typer.Option("--keep-source", help="Keep the source copy.")] = False,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Move a model between devices (the source goes only after the target is verified)."""
+    _run_op(
+        head_url, token, lambda c: c.move(model, source, target, keep_source=keep_source), detach, json_out,
+        f"move {model} {source} -> {target}",
+    )  # fmt: skip
+
+
+@app.command()
+def rm(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    device: Annotated[str, typer.Argument(help="Device whose copy goes, e.g. node1:dram")],
+    force: Annotated[bool, typer.Option("--force", help="Cancel a write in progress first.")] = False,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove one copy of a model."""
+    _run_op(
+        head_url, token, lambda c: c.delete_location(model, device, force=force), detach, json_out,
+        f"rm {model} on {device}",
+    )  # fmt: skip
+
+
+@app.command()
+def delete(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Cancel writes; forget copies on offline nodes.")
+    ] = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove every copy of a model, then the model."""
+    result: dict[str, Any] = _with_client(head_url, token, lambda c: c.delete_model(model, force=force))
+    if json_out:
+        _print_json(result)
+    else:
+        out.print(f"deleted {model} ({len(result.get('ops', []))} copies removed)", highlight=False)
 
 
 @app.command()

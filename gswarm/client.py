@@ -165,9 +165,10 @@ class GswarmClient:
         body = {"name": name, "type": type_, "source_url": source_url, "metadata": metadata or {}}
         return msgspec.json.decode(await self.request("POST", "/models", body), type=ModelView)
 
-    async def delete_model(self, name: str) -> dict[str, Any]:
-        """Remove a model from the registry."""
-        raw = await self.request("DELETE", f"/models/{quote(name, safe='')}")
+    async def delete_model(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Remove every copy of a model, then the model itself."""
+        params = {"force": "true"} if force else None
+        raw = await self.request("DELETE", f"/models/{quote(name, safe='')}", params=params, timeout=900)
         return msgspec.json.decode(raw, type=dict[str, Any])
 
     # ------------------------------------------------------------ nodes
@@ -185,6 +186,80 @@ class GswarmClient:
         params = {"wait": "true"} if wait else None
         raw = await self.request("POST", f"/nodes/{quote(node_id, safe='')}/probe", {}, params)
         return msgspec.json.decode(raw, type=Op)
+
+    # ------------------------------------------------------------ tier ops
+
+    async def _op(self, method: str, path: str, body: Any = None, wait: bool = False, **query: str) -> Op:
+        params = {k: v for k, v in query.items() if v}
+        if wait:
+            params["wait"] = "true"
+        raw = await self.request(method, path, body, params or None, timeout=None if not wait else 7 * 86400)
+        return msgspec.json.decode(raw, type=Op)
+
+    async def download(
+        self,
+        model_name: str,
+        source_url: str,
+        target_device: str,
+        *,
+        allow_patterns: list[str] | None = None,
+        ignore_patterns: list[str] | None = None,
+        model_type: str = "unknown",
+        wait: bool = False,
+    ) -> Op:
+        """Download a model onto a node's disk or dram (registers it if new)."""
+        body = {
+            "model_name": model_name,
+            "source_url": source_url,
+            "target_device": target_device,
+            "allow_patterns": allow_patterns,
+            "ignore_patterns": ignore_patterns,
+            "model_type": model_type,
+        }
+        return await self._op("POST", "/download", body, wait)
+
+    async def copy(
+        self,
+        model_name: str,
+        source_device: str,
+        target_device: str,
+        *,
+        verify: str = "size",
+        wait: bool = False,
+    ) -> Op:
+        """Copy a model between devices."""
+        body = {
+            "model_name": model_name,
+            "source_device": source_device,
+            "target_device": target_device,
+            "verify": verify,
+        }
+        return await self._op("POST", "/copy", body, wait)
+
+    async def move(
+        self,
+        model_name: str,
+        source_device: str,
+        target_device: str,
+        *,
+        keep_source: bool = False,
+        wait: bool = False,
+    ) -> Op:
+        """Move a model between devices (the source goes once the target is verified)."""
+        body = {
+            "model_name": model_name,
+            "source_device": source_device,
+            "target_device": target_device,
+            "keep_source": keep_source,
+        }
+        return await self._op("POST", "/move", body, wait)
+
+    async def delete_location(
+        self, model_name: str, device: str, *, force: bool = False, wait: bool = False
+    ) -> Op:
+        """Remove one copy of a model."""
+        path = f"/models/{quote(model_name, safe='')}/locations/{quote(device, safe='')}"
+        return await self._op("DELETE", path, None, wait, force="true" if force else "")
 
     # ------------------------------------------------------------ ops
 

@@ -221,3 +221,49 @@ def cli(tmp_path: Path) -> Iterator[Cli]:
         yield c
     finally:
         c.stop_all()
+
+
+# ---------------------------------------------------------------- the test suite's Hub
+
+BIG_FILE_BYTES = 70 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def tiny_repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated model repo on disk: a few small files and one of 70 MiB."""
+    root = tmp_path_factory.mktemp("repo")
+    (root / "config.json").write_text('{"model_type": "tiny", "hidden_size": 8}')
+    (root / "tokenizer.json").write_text('{"vocab": {"a": 0, "b": 1}}' * 50)
+    (root / "sub").mkdir()
+    (root / "sub" / "notes.txt").write_text("generated for gswarm tests\n" * 100)
+    with open(root / "model.safetensors", "wb") as f:
+        block = os.urandom(1 << 20)
+        for i in range(BIG_FILE_BYTES >> 20):
+            f.write(bytes([i % 256]) + block[1:])
+    return root
+
+
+@pytest.fixture
+async def hub(tiny_repo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    """A Hub-compatible server serving `org/tiny`; HF_ENDPOINT points at it."""
+    from tests.hubserver import HubRepo, HubServer
+
+    server = HubServer([HubRepo.from_dir("org/tiny", tiny_repo_dir)])
+    url = await server.start()
+    await server.wait_hashed()
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every regular file below `root` (manifest excluded), by relative path."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(".gswarm")
+    }

@@ -65,6 +65,8 @@ class OpContext:
         self.total = 0
         self.message = ""
         self.dirty = False
+        self.progress_source: Callable[[], int] | None = None
+        """Set by handlers whose worker threads count bytes; polled on every tick."""
         self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
         self.rate = 0.0
 
@@ -84,6 +86,8 @@ class OpContext:
 
     def snapshot(self) -> Progress:
         """The progress message to send now, with a smoothed rate."""
+        if self.progress_source is not None:
+            self.done = self.progress_source()
         now = time.monotonic()
         t0, d0 = self._rate_mark
         if now - t0 >= 0.5:
@@ -186,5 +190,5 @@ class Executor:
         while True:
             await asyncio.sleep(self._interval)
             for _, ctx in list(self.running.values()):
-                if ctx.dirty:
+                if ctx.dirty or (ctx.progress_source is not None and ctx.progress_source() != ctx.done):
                     self._send(ctx.snapshot())

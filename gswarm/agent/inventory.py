@@ -4,12 +4,11 @@ the agent calls `collect` in a thread."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-from pathlib import Path
 
 from gswarm.agent.gpu import GpuProbe
-from gswarm.protocol import Inventory, TierInfo
+from gswarm.agent.stores import TierStore
+from gswarm.protocol import Inventory
 
 
 def _addresses() -> list[str]:
@@ -40,14 +39,7 @@ def _meminfo() -> tuple[int, int]:
     return total, avail
 
 
-def tier_info(name: str, path: Path) -> TierInfo:
-    """Capacity and free space of the filesystem a tier lives on."""
-    path.mkdir(parents=True, exist_ok=True)
-    usage = shutil.disk_usage(path)
-    return TierInfo(name=name, path=str(path), capacity=usage.total, free=usage.free)
-
-
-def collect(tiers: dict[str, Path], gpus: GpuProbe) -> Inventory:
+def collect(stores: dict[str, TierStore], gpus: GpuProbe) -> Inventory:
     """A fresh inventory of this machine."""
     total, avail = _meminfo()
     return Inventory(
@@ -56,7 +48,7 @@ def collect(tiers: dict[str, Path], gpus: GpuProbe) -> Inventory:
         cpu_count=os.cpu_count() or 0,
         memory_total=total,
         memory_available=avail,
-        tiers=[tier_info(name, path) for name, path in tiers.items()],
+        tiers=[store.info() for store in stores.values()],
         gpus=gpus.read(),
         gpu_error=gpus.error,
     )

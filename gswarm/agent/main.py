@@ -11,10 +11,11 @@ from typing import Any
 
 from gswarm import PROTOCOL_VERSION, __version__
 from gswarm.agent import inventory as inventory_mod
+from gswarm.agent import tier_ops as tier_ops
 from gswarm.agent.executor import Executor, OpContext, OpResult, op_handler
 from gswarm.agent.gpu import GpuProbe
 from gswarm.agent.session import Session
-from gswarm.agent.stores import scan_holdings
+from gswarm.agent.stores import TierStore
 from gswarm.config import Settings
 from gswarm.devices import validate_node_id
 from gswarm.protocol import (
@@ -32,6 +33,8 @@ from gswarm.protocol import (
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Agent", "tier_ops"]
+
 
 class Agent:
     """One node's agent."""
@@ -45,11 +48,15 @@ class Agent:
         dram_dir: Path,
         settings: Settings | None = None,
         simulate_gpus: str | None = None,
+        quotas: dict[str, int] | None = None,
     ) -> None:
         self.node_id = validate_node_id(node_id)
         self.token = token
         self.settings = settings or Settings.from_env()
         self.tiers = {"disk": disk_dir, "dram": dram_dir}
+        self.stores = {
+            name: TierStore(name, path, (quotas or {}).get(name)) for name, path in self.tiers.items()
+        }
         self.gpus = GpuProbe(simulate_gpus)
         self.instance_id = uuid.uuid4().hex
         self.data_url = ""
@@ -62,11 +69,13 @@ class Agent:
 
     async def inventory(self) -> Inventory:
         """A fresh inventory (read in a thread)."""
-        return await asyncio.to_thread(inventory_mod.collect, self.tiers, self.gpus)
+        return await asyncio.to_thread(inventory_mod.collect, self.stores, self.gpus)
 
     async def holdings(self) -> list[Holding]:
         """Every published copy on this node (scanned in a thread)."""
-        return await asyncio.to_thread(scan_holdings, self.tiers)
+        return await asyncio.to_thread(
+            lambda: [h for store in self.stores.values() for h in store.holdings()]
+        )
 
     async def _hello(self) -> Hello:
         return Hello(
@@ -107,8 +116,8 @@ class Agent:
 
     async def run(self) -> None:
         """Run until cancelled (or refused by the head, which raises AgentRefused)."""
-        for path in self.tiers.values():
-            await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+        for store in self.stores.values():
+            await asyncio.to_thread(store.ensure)
         self.executor.start()
         self._tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats")]
         try:

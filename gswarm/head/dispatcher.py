@@ -57,12 +57,22 @@ class Dispatcher:
                 details={"node_id": node_id, "status": node.status},
             )
 
-    async def submit(self, kind: str, node_id: str, args: dict[str, Any], timeout: float | None = None) -> Op:
-        """Create an op for an online node and push it to its agent at once."""
+    async def submit(
+        self,
+        kind: str,
+        node_id: str,
+        args: dict[str, Any],
+        timeout: float | None = None,
+        on_created: Callable[[Op], list[Event]] | None = None,
+    ) -> Op:
+        """Create an op for an online node and push it to its agent at once. `on_created`
+        records what the op is about to change (a location being written) before it can end."""
         self.require_online(node_id)
         op, events = self._head.registry.create_op(
             kind, node_id, args, timeout or self._head.settings.op_timeout
         )
+        if on_created is not None:
+            events.extend(on_created(op))
         self._head.commit(events)
         await self._deliver(op)
         return op
@@ -83,11 +93,7 @@ class Dispatcher:
                 code="op_finished",
                 details={"state": op.state},
             )
-        self._head.commit(
-            self._head.registry.op_finished(
-                op_id, "cancelled", error=OpError(code="cancelled", message=reason)
-            )
-        )
+        self._finish(op, Failed(op_id=op_id, error=OpError(code="cancelled", message=reason)))
         conn = self._head.agents.get(op.node_id)
         if conn is not None:
             await conn.send(Cancel(op_id=op_id))
@@ -147,13 +153,8 @@ class Dispatcher:
         now = time.time()
         for op in self._head.registry.open_ops():
             if op.timeout and now - op.created_at > op.timeout:
-                self._head.commit(
-                    self._head.registry.op_finished(
-                        op.op_id,
-                        "failed",
-                        error=OpError("timed_out", f"op did not finish within {op.timeout:g} s"),
-                    )
-                )
+                error = OpError("timed_out", f"op did not finish within {op.timeout:g} s")
+                self._finish(op, Failed(op_id=op.op_id, error=error))
                 conn = self._head.agents.get(op.node_id)
                 if conn is not None:
                     await conn.send(Cancel(op_id=op.op_id))

@@ -122,14 +122,19 @@ def _head(request: web.Request) -> Head:
     return request.app[HEAD_KEY]
 
 
-async def op_response(request: web.Request, op: Op) -> web.Response:
-    """202 with the op at once, or with `?wait=true` 200 with the op once it has ended."""
+async def op_response(request: web.Request, op: Op, status: int = 202) -> web.Response:
+    """`status` (202) with the op at once, or with `?wait=true` 200 with the op once it has ended
+    (or when `?timeout=` seconds have passed)."""
     head = _head(request)
     if _query_flag(request, "wait"):
-        timeout = float(request.query.get("timeout", op.timeout or head.settings.op_timeout))
+        raw = request.query.get("timeout")
+        try:
+            timeout = float(raw) if raw else (op.timeout or head.settings.op_timeout)
+        except ValueError:
+            raise BadRequest(f"query parameter timeout={raw!r} is not a number") from None
         op = await head.dispatcher.wait(op.op_id, timeout)
         return json_response(op, status=200)
-    return json_response(op, status=202)
+    return json_response(op, status=status)
 
 
 # ---------------------------------------------------------------- bodies
@@ -215,15 +220,6 @@ async def get_model(request: web.Request) -> web.Response:
     """`GET /models/{model_name}`."""
     name = validate_model_name(request.match_info["model_name"], "model_name")
     return json_response(model_view(_head(request), name))
-
-
-async def delete_model(request: web.Request) -> web.Response:
-    """`DELETE /models/{model_name}`: forget the model and its location records."""
-    head = _head(request)
-    name = validate_model_name(request.match_info["model_name"], "model_name")
-    view = model_view(head, name)
-    head.commit(head.registry.delete_model(name))
-    return json_response({"deleted": name, "model": view})
 
 
 # ---------------------------------------------------------------- nodes
@@ -405,7 +401,6 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/models", list_models)
     r.add_post("/models", register_model)
     r.add_get("/models/{model_name}", get_model)
-    r.add_delete("/models/{model_name}", delete_model)
     r.add_get("/nodes", list_nodes)
     r.add_post("/nodes", register_node)
     r.add_get("/nodes/{node_id}", get_node)
@@ -418,3 +413,6 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/ws/agent", head.agents.handle)
     r.add_get("/ws/events", events_socket)
     head.dispatcher.on_result("probe", _probe_result(head))
+    from gswarm.head import transfers
+
+    transfers.setup(app)

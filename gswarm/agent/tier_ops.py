@@ -1,0 +1,273 @@
+"""The agent's handlers of the tier ops: `download`, `copy` (also `move`) and `delete`.
+
+Each writes into the tier's partial directory, verifies, and publishes by rename; nothing
+half-done is ever visible as a copy. Ops on the same model and tier are serialised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gswarm.agent.executor import OpContext, OpResult, op_handler
+from gswarm.agent.stores import Manifest, ManifestFile, TierStore
+from gswarm.agent.transfer import (
+    ByteCounter,
+    Cancelled,
+    FetchPlan,
+    RangeDownloader,
+    TransferError,
+    copy_files,
+    hash_manifest,
+    list_local,
+    resolve_http,
+    resolve_hub,
+    run_blocking,
+    verify_files,
+)
+from gswarm.errors import BadRequest, Conflict
+from gswarm.sources import FileSource, HttpSource, HubSource, parse_source
+
+
+class DownloadArgs(msgspec.Struct):
+    """Args of a `download` op."""
+
+    model_name: str
+    source_url: str
+    tier: str
+    allow_patterns: list[str] | None = None
+    ignore_patterns: list[str] | None = None
+
+
+class CopyArgs(msgspec.Struct):
+    """Args of a `copy` op (a `move` when `remove_source`)."""
+
+    model_name: str
+    source_tier: str
+    target_tier: str
+    remove_source: bool = False
+    verify: str = "size"
+
+
+class DeleteArgs(msgspec.Struct):
+    """Args of a `delete` op."""
+
+    model_name: str
+    tier: str
+
+
+_LOCKS: dict[tuple[str, str, str], asyncio.Lock] = {}
+
+
+def _lock(ctx: OpContext, tier: str, model: str) -> asyncio.Lock:
+    key = (ctx.agent.instance_id, tier, model)
+    lock = _LOCKS.get(key)
+    if lock is None:
+        lock = _LOCKS[key] = asyncio.Lock()
+    return lock
+
+
+def _store(ctx: OpContext, tier: str) -> TierStore:
+    store = ctx.agent.stores.get(tier)
+    if store is None:
+        raise BadRequest(
+            f"this node has no tier {tier!r} (it has {', '.join(ctx.agent.stores)})", code="invalid_device"
+        )
+    return store
+
+
+def _result(store: TierStore, model: str, path: Path, manifest: Manifest, **extra: Any) -> OpResult:
+    result = {
+        "model": model,
+        "tier": store.name,
+        "path": str(path),
+        "size": manifest.size,
+        "files": len(manifest.files),
+        "revision": manifest.revision,
+        **extra,
+    }
+    return OpResult(result)
+
+
+def _track(ctx: OpContext, counter: ByteCounter) -> None:
+    ctx.progress_source = lambda: counter.value
+
+
+@op_handler("download")
+async def download(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
+    """Fetch a model from the Hub, a URL or a local path into a tier."""
+    args = msgspec.convert(raw, DownloadArgs)
+    store = _store(ctx, args.tier)
+    source = parse_source(args.source_url)
+    model = args.model_name
+    async with _lock(ctx, args.tier, model):
+        existing = await asyncio.to_thread(store.manifest, model)
+        if existing is not None:
+            return _result(store, model, store.model_dir(model), existing, already_present=True)
+        cancel = threading.Event()
+        partial = store.partial_dir(model)
+        ctx.progress(0, 0, f"resolving {source}")
+        try:
+            if isinstance(source, FileSource):
+                manifest = await _from_local(ctx, store, source, partial, cancel)
+            else:
+                manifest = await _from_remote(ctx, store, source, args, partial, cancel)
+            manifest.model = model
+            manifest.created_at = time.time()
+            path = await asyncio.to_thread(store.publish, model, partial, manifest)
+        except asyncio.CancelledError:
+            # A cancelled download gives its space back; a crash keeps it for resuming.
+            await asyncio.to_thread(store.discard_partial, model)
+            raise
+        return _result(store, model, path, manifest)
+
+
+async def _from_remote(
+    ctx: OpContext,
+    store: TierStore,
+    source: HubSource | HttpSource,
+    args: DownloadArgs,
+    partial: Path,
+    cancel: threading.Event,
+) -> Manifest:
+    plan: FetchPlan
+    if isinstance(source, HubSource):
+        plan = await run_blocking(cancel, resolve_hub, source, args.allow_patterns, args.ignore_patterns)
+    else:
+        plan = resolve_http(source)
+    counter = ByteCounter()
+    downloader = await asyncio.to_thread(RangeDownloader, partial, plan.headers, counter, cancel)
+    have = downloader.already_done(plan.files)
+    if plan.total:
+        await asyncio.to_thread(store.check_space, plan.total - have)
+    await asyncio.to_thread(partial.mkdir, parents=True, exist_ok=True)
+    counter.value = have
+    _track(ctx, counter)
+    ctx.progress(have, plan.total, f"downloading {len(plan.files)} files" + (" (resuming)" if have else ""))
+    try:
+        await run_blocking(cancel, downloader.run, plan.files)
+    except Cancelled:
+        raise asyncio.CancelledError from None
+    total = sum(f.size or 0 for f in plan.files)
+    ctx.progress_source = None
+    ctx.progress(total, total, "verifying")
+    try:
+        files = await run_blocking(cancel, verify_files, partial, plan.files, cancel)
+    except TransferError as exc:
+        if exc.code == "checksum_mismatch":
+            # Never keep bytes that failed their checksum: the next attempt fetches them anew.
+            bad = exc.message.partition(":")[0]
+            await asyncio.to_thread(downloader.state.forget, bad)
+        raise
+    await asyncio.to_thread((partial / downloader.state.path.name).unlink, missing_ok=True)
+    src = str(source)
+    return Manifest(
+        model="",
+        files=files,
+        source=src if isinstance(source, HubSource) else source.url,
+        revision=plan.revision,
+    )
+
+
+async def _from_local(
+    ctx: OpContext, store: TierStore, source: FileSource, partial: Path, cancel: threading.Event
+) -> Manifest:
+    root = Path(source.path)
+    base, files = await asyncio.to_thread(list_local, root)
+    total = sum(size for _, size in files)
+    await asyncio.to_thread(store.discard_partial, partial.name)
+    await asyncio.to_thread(store.check_space, total)
+    counter = ByteCounter()
+    _track(ctx, counter)
+    ctx.progress(0, total, f"copying {len(files)} files from {root}")
+    try:
+        await run_blocking(cancel, copy_files, base, partial, files, counter, cancel)
+        ctx.progress_source = None
+        ctx.progress(total, total, "hashing")
+        entries = await run_blocking(cancel, hash_manifest, partial, [rel for rel, _ in files], cancel)
+    except Cancelled:
+        raise asyncio.CancelledError from None
+    return Manifest(model="", files=entries, source=f"file://{root}")
+
+
+@op_handler("copy")
+async def copy(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
+    """Copy (or move) a published copy between this node's tiers."""
+    args = msgspec.convert(raw, CopyArgs)
+    if args.source_tier == args.target_tier:
+        raise BadRequest("source and target are the same tier")
+    src = _store(ctx, args.source_tier)
+    dst = _store(ctx, args.target_tier)
+    model = args.model_name
+    first, second = sorted([args.source_tier, args.target_tier])
+    async with _lock(ctx, first, model), _lock(ctx, second, model):
+        manifest = await asyncio.to_thread(src.manifest, model)
+        if manifest is None:
+            raise Conflict(f"{model} is not held on {args.source_tier} of this node", code="not_held")
+        present = await asyncio.to_thread(dst.manifest, model)
+        if present is not None and _same(present, manifest):
+            removed = False
+            if args.remove_source:
+                removed = await asyncio.to_thread(src.remove, model)
+            return _result(
+                dst, model, dst.model_dir(model), present, already_present=True, removed_source=removed
+            )
+        cancel = threading.Event()
+        partial = dst.partial_dir(model)
+        await asyncio.to_thread(dst.discard_partial, model)
+        await asyncio.to_thread(dst.check_space, manifest.size)
+        counter = ByteCounter()
+        _track(ctx, counter)
+        ctx.progress(0, manifest.size, f"copying {args.source_tier} -> {args.target_tier}")
+        files = [(f.path, f.size) for f in manifest.files]
+        try:
+            await run_blocking(cancel, copy_files, src.model_dir(model), partial, files, counter, cancel)
+            if args.verify == "sha256":
+                ctx.progress_source = None
+                ctx.progress(manifest.size, manifest.size, "verifying")
+                await run_blocking(cancel, _verify_against, partial, manifest, cancel)
+        except (asyncio.CancelledError, Cancelled):
+            await asyncio.to_thread(dst.discard_partial, model)
+            raise asyncio.CancelledError from None
+        except BaseException:
+            await asyncio.to_thread(dst.discard_partial, model)
+            raise
+        copied = Manifest(
+            model=model,
+            files=manifest.files,
+            source=manifest.source,
+            revision=manifest.revision,
+            created_at=time.time(),
+        )
+        path = await asyncio.to_thread(dst.publish, model, partial, copied)
+        removed = False
+        if args.remove_source:
+            removed = await asyncio.to_thread(src.remove, model)
+        return _result(dst, model, path, copied, removed_source=removed)
+
+
+def _same(a: Manifest, b: Manifest) -> bool:
+    return [(f.path, f.size, f.sha256) for f in a.files] == [(f.path, f.size, f.sha256) for f in b.files]
+
+
+def _verify_against(root: Path, manifest: Manifest, cancel: threading.Event) -> list[ManifestFile]:
+    from gswarm.agent.transfer import RemoteFile
+
+    wanted = [RemoteFile(rel=f.path, url="", size=f.size, sha256=f.sha256) for f in manifest.files]
+    return verify_files(root, wanted, cancel)
+
+
+@op_handler("delete")
+async def delete(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+    """Remove a published copy (and any unfinished work) of a model from a tier."""
+    args = msgspec.convert(raw, DeleteArgs)
+    store = _store(ctx, args.tier)
+    async with _lock(ctx, args.tier, args.model_name):
+        removed = await asyncio.to_thread(store.remove, args.model_name)
+        await asyncio.to_thread(store.discard_partial, args.model_name)
+    return {"model": args.model_name, "tier": args.tier, "removed": removed}
