@@ -227,9 +227,24 @@ def client_cmd(
     disk_dir: DiskDirOpt = None,
     dram_dir: DramDirOpt = None,
     simulate_gpus: SimGpuOpt = None,
+    data_port: Annotated[int, typer.Option(help="Port of the data server peers fetch from (0: any).")] = 0,
+    data_host: Annotated[
+        str,
+        typer.Option(help="Address peers reach the data server at [default: the one used to reach the head]"),
+    ] = "",
+    data_bandwidth: Annotated[
+        str | None, typer.Option(help="Cap of the data server's uplink, e.g. 500M (bytes/s).")
+    ] = None,
+    disk_quota: Annotated[
+        str | None, typer.Option(help="Most gswarm may store on the disk tier, e.g. 500G.")
+    ] = None,
+    dram_quota: Annotated[
+        str | None, typer.Option(help="Most gswarm may store on the dram tier, e.g. 64G.")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run an agent on this node, connected to the head."""
+    from gswarm.agent.gpu import parse_size
     from gswarm.agent.main import Agent
 
     _setup_logging(verbose)
@@ -238,7 +253,20 @@ def client_cmd(
 
     async def main() -> None:
         try:
-            agent = Agent(head_url, nid, join, disk, dram, Settings.from_env(), simulate_gpus)
+            quotas = {k: parse_size(v) for k, v in {"disk": disk_quota, "dram": dram_quota}.items() if v}
+            agent = Agent(
+                head_url,
+                nid,
+                join,
+                disk,
+                dram,
+                Settings.from_env(),
+                simulate_gpus,
+                quotas=quotas,
+                data_port=data_port,
+                data_host=data_host,
+                data_bandwidth=parse_size(data_bandwidth) if data_bandwidth else None,
+            )
         except ValueError as exc:
             raise GswarmError(str(exc)) from None
         task = asyncio.create_task(agent.run())
@@ -619,6 +647,58 @@ def move(
         head_url, token, lambda c: c.move(model, source, target, keep_source=keep_source), detach, json_out,
         f"move {model} {source} -> {target}",
     )  # fmt: skip
+
+
+@app.command()
+def replicate(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    targets: Annotated[
+        list[str] | None, typer.Argument(help="Target devices, e.g. node2:disk node3:disk")
+    ] = None,
+    all_nodes: Annotated[str | None, typer.Option("--all-nodes", help="Every online node's TIER.")] = None,
+    source: Annotated[str | None, typer.Option("--from", help="Start from this copy.")] = None,
+    max_fanout: Annotated[int, typer.Option(help="Peers one holder serves at once.")] = 2,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Copy a model to many devices; each node that finishes feeds the next."""
+
+    async def main() -> Op:
+        async with _client(head_url, token) as c:
+            op: Op = await c.replicate(
+                model, targets or [], all_nodes=all_nodes, source_device=source, max_fanout=max_fanout
+            )
+            if detach:
+                return op
+            columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"))
+            progress = Progress(*columns, TimeElapsedColumn(), console=err, disable=json_out)
+            with progress:
+                task = progress.add_task(f"replicate {model}", total=None, note="")
+
+                def update(o: Op) -> None:
+                    p = o.progress
+                    progress.update(task, completed=p.done, total=p.total or None, note=p.message)
+
+                final: Op = await c.wait_op(op.op_id, on_progress=update)
+                return final
+
+    op = run(main())
+    if json_out:
+        _print_json(op)
+    elif detach and not op.terminal:
+        out.print(op.op_id, highlight=False)
+    else:
+        table = Table("target", "state", "from", "seconds", "error")
+        for target, r in sorted(((op.result or {}).get("targets") or {}).items()):
+            table.add_row(
+                target, r.get("state", ""), r.get("from", ""), str(r.get("seconds", "")), r.get("error", "")
+            )
+        out.print(table)
+        _print_op(op)
+    if op.terminal and op.state != "succeeded":
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -205,9 +205,12 @@ class GswarmClient:
         allow_patterns: list[str] | None = None,
         ignore_patterns: list[str] | None = None,
         model_type: str = "unknown",
+        prefer_peer: bool = True,
+        bandwidth_limit: int | None = None,
         wait: bool = False,
     ) -> Op:
-        """Download a model onto a node's disk or dram (registers it if new)."""
+        """Download a model onto a node's disk or dram (registers it if new); a node that
+        already holds a verified copy serves it unless `prefer_peer` is False."""
         body = {
             "model_name": model_name,
             "source_url": source_url,
@@ -215,6 +218,8 @@ class GswarmClient:
             "allow_patterns": allow_patterns,
             "ignore_patterns": ignore_patterns,
             "model_type": model_type,
+            "prefer_peer": prefer_peer,
+            "bandwidth_limit": bandwidth_limit,
         }
         return await self._op("POST", "/download", body, wait)
 
@@ -253,6 +258,28 @@ class GswarmClient:
             "keep_source": keep_source,
         }
         return await self._op("POST", "/move", body, wait)
+
+    async def replicate(
+        self,
+        model_name: str,
+        targets: list[str] | None = None,
+        *,
+        all_nodes: str | None = None,
+        source_device: str | None = None,
+        max_fanout: int = 2,
+        bandwidth_limit: int | None = None,
+        wait: bool = False,
+    ) -> Op:
+        """Spread a model to many devices, node to node."""
+        body = {
+            "model_name": model_name,
+            "targets": targets or [],
+            "all_nodes": all_nodes,
+            "source_device": source_device,
+            "max_fanout": max_fanout,
+            "bandwidth_limit": bandwidth_limit,
+        }
+        return await self._op("POST", "/replicate", body, wait)
 
     async def delete_location(
         self, model_name: str, device: str, *, force: bool = False, wait: bool = False

@@ -225,6 +225,7 @@ class Welcome(msgspec.Struct, tag="welcome", tag_field="type"):
     node_id: str
     heartbeat_interval: float
     server_time: float
+    transfer_key: str = ""
 
 
 class Command(msgspec.Struct, tag="command", tag_field="type", omit_defaults=True):

@@ -65,6 +65,8 @@ class OpContext:
         self.total = 0
         self.message = ""
         self.dirty = False
+        self.peer = ""
+        """The node a copy came from, when it came from a peer."""
         self.progress_source: Callable[[], int] | None = None
         """Set by handlers whose worker threads count bytes; polled on every tick."""
         self._rate_mark: tuple[float, int] = (time.monotonic(), 0)

@@ -12,6 +12,7 @@ from typing import Any
 from gswarm import PROTOCOL_VERSION, __version__
 from gswarm.agent import inventory as inventory_mod
 from gswarm.agent import tier_ops as tier_ops
+from gswarm.agent.dataserver import DataServer
 from gswarm.agent.executor import Executor, OpContext, OpResult, op_handler
 from gswarm.agent.gpu import GpuProbe
 from gswarm.agent.session import Session
@@ -49,6 +50,9 @@ class Agent:
         settings: Settings | None = None,
         simulate_gpus: str | None = None,
         quotas: dict[str, int] | None = None,
+        data_port: int | None = 0,
+        data_host: str = "",
+        data_bandwidth: int | None = None,
     ) -> None:
         self.node_id = validate_node_id(node_id)
         self.token = token
@@ -60,6 +64,9 @@ class Agent:
         self.gpus = GpuProbe(simulate_gpus)
         self.instance_id = uuid.uuid4().hex
         self.data_url = ""
+        self.data_host = data_host
+        self.transfer_key = ""
+        self.dataserver = DataServer(self, data_port, data_bandwidth) if data_port is not None else None
         self.executor = Executor(self, self._send, self.settings.progress_interval)
         self.session = Session(head_url, self.settings, self._hello, self._on_message, self._on_connected)
         self._tasks: list[asyncio.Task[None]] = []
@@ -77,7 +84,10 @@ class Agent:
             lambda: [h for store in self.stores.values() for h in store.holdings()]
         )
 
-    async def _hello(self) -> Hello:
+    async def _hello(self, local_host: str) -> Hello:
+        if self.dataserver is not None and self.dataserver.port:
+            host = self.data_host or local_host
+            self.data_url = f"http://{host}:{self.dataserver.port}"
         return Hello(
             node_id=self.node_id,
             token=self.token,
@@ -91,7 +101,8 @@ class Agent:
             finished=list(self.executor.outbox),
         )
 
-    def _on_connected(self) -> None:
+    def _on_connected(self, welcome: Welcome) -> None:
+        self.transfer_key = welcome.transfer_key
         self.executor.resend_outbox()
 
     async def _on_message(self, msg: HeadMessage) -> None:
@@ -118,6 +129,8 @@ class Agent:
         """Run until cancelled (or refused by the head, which raises AgentRefused)."""
         for store in self.stores.values():
             await asyncio.to_thread(store.ensure)
+        if self.dataserver is not None:
+            await self.dataserver.start()
         self.executor.start()
         self._tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats")]
         try:
@@ -127,6 +140,8 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.executor.close()
+            if self.dataserver is not None:
+                await self.dataserver.stop()
 
 
 @op_handler("probe")

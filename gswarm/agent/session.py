@@ -46,9 +46,9 @@ class Session:
         self,
         head_url: str,
         settings: Settings,
-        make_hello: Callable[[], Awaitable[Hello]],
+        make_hello: Callable[[str], Awaitable[Hello]],
         on_message: Callable[[HeadMessage], Awaitable[None]],
-        on_connected: Callable[[], None],
+        on_connected: Callable[[Welcome], None],
     ) -> None:
         self.url = agent_socket_url(head_url)
         self._settings = settings
@@ -94,7 +94,8 @@ class Session:
             close_timeout=2,
             max_size=s.max_ws_message_bytes,
         ) as ws:
-            hello = await self._make_hello()
+            local = ws.local_address
+            hello = await self._make_hello(str(local[0]) if local else "127.0.0.1")
             await ws.send(encode(hello).decode())
             try:
                 raw = await asyncio.wait_for(ws.recv(), s.hello_timeout)
@@ -108,7 +109,7 @@ class Session:
             log.info("connected to head %s as %s", self.url, welcome.node_id)
             self._out = asyncio.Queue()
             self.connected.set()
-            self._on_connected()
+            self._on_connected(welcome)
             writer = asyncio.create_task(self._write(ws, self._out))
             try:
                 await self._read(ws)

@@ -11,18 +11,22 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 
 from gswarm.agent.executor import OpContext, OpResult, op_handler
-from gswarm.agent.stores import Manifest, ManifestFile, TierStore
+from gswarm.agent.stores import Manifest, ManifestFile, TierStore, safe_relpath
 from gswarm.agent.transfer import (
     ByteCounter,
     Cancelled,
     FetchPlan,
     RangeDownloader,
+    RateLimit,
+    RemoteFile,
     TransferError,
     copy_files,
+    fetch_json,
     hash_manifest,
     list_local,
     resolve_http,
@@ -30,18 +34,39 @@ from gswarm.agent.transfer import (
     run_blocking,
     verify_files,
 )
-from gswarm.errors import BadRequest, Conflict
+from gswarm.errors import BadRequest, Conflict, Forbidden, GswarmError, NotFound
 from gswarm.sources import FileSource, HttpSource, HubSource, parse_source
 
 
+class PeerSource(msgspec.Struct):
+    """A node that holds a verified copy, with a grant to fetch it."""
+
+    node_id: str
+    url: str
+    tier: str
+    token: str
+
+
 class DownloadArgs(msgspec.Struct):
-    """Args of a `download` op."""
+    """Args of a `download` op; `peers` are tried before the source itself."""
 
     model_name: str
     source_url: str
     tier: str
     allow_patterns: list[str] | None = None
     ignore_patterns: list[str] | None = None
+    peers: list[PeerSource] = msgspec.field(default_factory=list)
+    bandwidth_limit: int | None = None
+
+
+class FetchArgs(msgspec.Struct):
+    """Args of a `fetch` op: pull a copy from another node (the target of a copy or move
+    between nodes, or of a replication)."""
+
+    model_name: str
+    tier: str
+    peers: list[PeerSource]
+    bandwidth_limit: int | None = None
 
 
 class CopyArgs(msgspec.Struct):
@@ -111,12 +136,21 @@ async def download(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
             return _result(store, model, store.model_dir(model), existing, already_present=True)
         cancel = threading.Event()
         partial = store.partial_dir(model)
-        ctx.progress(0, 0, f"resolving {source}")
+        limit = RateLimit(args.bandwidth_limit) if args.bandwidth_limit else None
+        peer_errors: list[str] = []
+        manifest: Manifest | None = None
         try:
-            if isinstance(source, FileSource):
-                manifest = await _from_local(ctx, store, source, partial, cancel)
-            else:
-                manifest = await _from_remote(ctx, store, source, args, partial, cancel)
+            if args.peers:
+                try:
+                    manifest = await _from_peers(ctx, store, model, args.peers, partial, cancel, limit)
+                except TransferError as exc:
+                    peer_errors.append(exc.message)
+            if manifest is None:
+                ctx.progress(0, 0, f"resolving {source}")
+                if isinstance(source, FileSource):
+                    manifest = await _from_local(ctx, store, source, partial, cancel)
+                else:
+                    manifest = await _from_remote(ctx, store, source, args, partial, cancel, limit)
             manifest.model = model
             manifest.created_at = time.time()
             path = await asyncio.to_thread(store.publish, model, partial, manifest)
@@ -124,7 +158,89 @@ async def download(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
             # A cancelled download gives its space back; a crash keeps it for resuming.
             await asyncio.to_thread(store.discard_partial, model)
             raise
-        return _result(store, model, path, manifest)
+        return _result(store, model, path, manifest, from_peer=ctx.peer, peer_errors=peer_errors)
+
+
+@op_handler("fetch")
+async def fetch(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
+    """Pull a verified copy of a model from peers (in the order given) into a tier."""
+    args = msgspec.convert(raw, FetchArgs)
+    store = _store(ctx, args.tier)
+    model = args.model_name
+    async with _lock(ctx, args.tier, model):
+        existing = await asyncio.to_thread(store.manifest, model)
+        if existing is not None:
+            return _result(store, model, store.model_dir(model), existing, already_present=True)
+        cancel = threading.Event()
+        partial = store.partial_dir(model)
+        limit = RateLimit(args.bandwidth_limit) if args.bandwidth_limit else None
+        try:
+            manifest = await _from_peers(ctx, store, model, args.peers, partial, cancel, limit)
+            manifest.created_at = time.time()
+            path = await asyncio.to_thread(store.publish, model, partial, manifest)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(store.discard_partial, model)
+            raise
+        return _result(store, model, path, manifest, from_peer=ctx.peer)
+
+
+async def _from_peers(
+    ctx: OpContext,
+    store: TierStore,
+    model: str,
+    peers: list[PeerSource],
+    partial: Path,
+    cancel: threading.Event,
+    limit: RateLimit | None,
+) -> Manifest:
+    """Fetch from the first peer that works; a failing peer hands over to the next, and what
+    was fetched already is kept (every peer serves the same verified bytes)."""
+    errors: list[str] = []
+    for peer in peers:
+        headers = {"Authorization": f"Bearer {peer.token}"}
+        base = f"{peer.url.rstrip('/')}/models/{quote(model)}/{peer.tier}"
+        try:
+            ctx.progress(ctx.done, ctx.total, f"asking {peer.node_id} for its manifest")
+            raw = await run_blocking(cancel, fetch_json, f"{base}/manifest", headers)
+            remote = msgspec.convert(raw, Manifest)
+            files = [
+                RemoteFile(
+                    rel=safe_relpath(f.path),
+                    url=f"{base}/files/{quote(f.path)}",
+                    size=f.size,
+                    sha256=f.sha256,
+                )
+                for f in remote.files
+            ]
+            counter = ByteCounter()
+            downloader = await asyncio.to_thread(
+                RangeDownloader, partial, headers, counter, cancel, limit=limit
+            )
+            have = downloader.already_done(files)
+            await asyncio.to_thread(store.check_space, remote.size - have)
+            await asyncio.to_thread(partial.mkdir, parents=True, exist_ok=True)
+            counter.value = have
+            _track(ctx, counter)
+            ctx.progress(have, remote.size, f"fetching from {peer.node_id}")
+            try:
+                await run_blocking(cancel, downloader.run, files)
+                ctx.progress_source = None
+                ctx.progress(remote.size, remote.size, "verifying")
+                entries = await run_blocking(cancel, verify_files, partial, files, cancel)
+            except Cancelled:
+                raise asyncio.CancelledError from None
+            except TransferError as exc:
+                if exc.code == "checksum_mismatch":
+                    await asyncio.to_thread(downloader.state.forget, exc.message.partition(":")[0])
+                raise
+            await asyncio.to_thread((partial / downloader.state.path.name).unlink, missing_ok=True)
+            ctx.peer = peer.node_id
+            return Manifest(model=model, files=entries, source=remote.source, revision=remote.revision)
+        except (TransferError, NotFound, Forbidden, msgspec.ValidationError) as exc:
+            ctx.progress_source = None
+            message = exc.message if isinstance(exc, GswarmError) else str(exc)
+            errors.append(f"{peer.node_id}: {message}")
+    raise TransferError("no peer could serve the copy: " + "; ".join(errors), code="peers_failed")
 
 
 async def _from_remote(
@@ -134,6 +250,7 @@ async def _from_remote(
     args: DownloadArgs,
     partial: Path,
     cancel: threading.Event,
+    limit: RateLimit | None = None,
 ) -> Manifest:
     plan: FetchPlan
     if isinstance(source, HubSource):
@@ -141,7 +258,7 @@ async def _from_remote(
     else:
         plan = resolve_http(source)
     counter = ByteCounter()
-    downloader = await asyncio.to_thread(RangeDownloader, partial, plan.headers, counter, cancel)
+    downloader = await asyncio.to_thread(RangeDownloader, partial, plan.headers, counter, cancel, limit=limit)
     have = downloader.already_done(plan.files)
     if plan.total:
         await asyncio.to_thread(store.check_space, plan.total - have)
@@ -256,8 +373,6 @@ def _same(a: Manifest, b: Manifest) -> bool:
 
 
 def _verify_against(root: Path, manifest: Manifest, cancel: threading.Event) -> list[ManifestFile]:
-    from gswarm.agent.transfer import RemoteFile
-
     wanted = [RemoteFile(rel=f.path, url="", size=f.size, sha256=f.sha256) for f in manifest.files]
     return verify_files(root, wanted, cancel)
 

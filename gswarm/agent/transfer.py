@@ -64,6 +64,44 @@ class ByteCounter:
             self.value += n
 
 
+class RateLimit:
+    """A bytes/s limit shared by worker threads: each takes its share, then sleeps off any debt."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._tokens = float(min(rate, 1 << 20))
+        self._last = time.monotonic()
+
+    def take(self, n: int) -> None:
+        """Account for `n` bytes, sleeping as long as the limit requires."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(float(self.rate), self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            debt = -self._tokens
+        if debt > 0:
+            time.sleep(debt / self.rate)
+
+
+def fetch_json(url: str, headers: dict[str, str], timeout: float = 15.0) -> Any:
+    """GET a small JSON document (blocking); TransferError/NotFound/Forbidden on failure."""
+    conns = _Conn(timeout)
+    try:
+        conn, path = conns.get(url)
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status >= 400:
+            raise RangeDownloader._http_error(resp.status, resp.reason, url)
+        return json.loads(body)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise TransferError(f"cannot fetch {url}: {exc}", code="source_unreachable") from None
+    finally:
+        conns.close()
+
+
 async def run_blocking(cancel: threading.Event, fn: Callable[..., T], *args: Any) -> T:
     """Run `fn` in a thread; if the awaiting task is cancelled, set `cancel` and wait for the
     thread to notice before re-raising, so no worker outlives its op."""
@@ -278,6 +316,7 @@ class RangeDownloader:
         workers: int = 8,
         chunk: int = CHUNK_BYTES,
         timeout: float = 30.0,
+        limit: RateLimit | None = None,
     ) -> None:
         self.dest = dest
         self.headers = headers
@@ -286,6 +325,7 @@ class RangeDownloader:
         self.workers = workers
         self.chunk = chunk
         self.timeout = timeout
+        self.limit = limit
         self.state = _State(dest / DOWNLOAD_STATE)
 
     def already_done(self, files: Iterable[RemoteFile]) -> int:
@@ -441,6 +481,8 @@ class RangeDownloader:
                         resp.close()
                         conns.drop(f.url)
                         raise Cancelled()
+                    if self.limit is not None:
+                        self.limit.take(min(READ_BYTES, want))
                     n = resp.readinto(mv[: min(READ_BYTES, want)])
                     if not n:
                         raise http.client.IncompleteRead(b"", want)

@@ -184,6 +184,7 @@ class AgentHub:
                 node_id=hello.node_id,
                 heartbeat_interval=head.settings.heartbeat_interval,
                 server_time=time.time(),
+                transfer_key=head.tokens.transfer_key,
             )
         )
         log.info("agent %s connected from %s", hello.node_id, peer)

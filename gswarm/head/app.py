@@ -8,8 +8,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -70,6 +71,9 @@ class Head:
         self.registry.load(snap.models, snap.nodes, snap.locations, snap.ops, snap.last_seq)
         self.bus.preload(snap.recent_events, snap.last_seq)
         self._tasks.add(asyncio.create_task(self._sweeper(), name="head-sweeper"))
+        from gswarm.head import replication
+
+        replication.resume(self)
         log.info(
             "head state loaded from %s: %d models, %d nodes, %d ops",
             self.state_dir,
@@ -80,9 +84,10 @@ class Head:
 
     async def stop(self) -> None:
         """Cancel background tasks and flush the store."""
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         for futs in self._waiters.values():
             for fut in futs:
@@ -100,6 +105,26 @@ class Head:
                 for fut in self._waiters.pop(ev.key, []):
                     if not fut.done():
                         fut.set_result(None)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str = "head-task") -> asyncio.Task[None]:
+        """Run a background coroutine owned by the head (cancelled and awaited on shutdown)."""
+        task = asyncio.create_task(self._guarded(coro), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    async def _guarded(coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background task failed")
+
+    def log_warning(self, message: str) -> None:
+        """A warning in the head's log."""
+        log.warning("%s", message)
 
     def op_waiter(self, op_id: str) -> asyncio.Future[None]:
         """A future resolved when the op ends."""

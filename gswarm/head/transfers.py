@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from gswarm import grants
 from gswarm.devices import Device, parse_device, validate_model_name
 from gswarm.errors import BadRequest, Conflict, GswarmError, InsufficientSpace, NotFound
 from gswarm.head.app import HEAD_KEY, Head
@@ -33,6 +34,8 @@ class DownloadBody(msgspec.Struct):
     model_type: str = "unknown"
     allow_patterns: list[str] | None = None
     ignore_patterns: list[str] | None = None
+    prefer_peer: bool = True
+    bandwidth_limit: int | None = None
     timeout: float | None = None
 
 
@@ -44,6 +47,7 @@ class CopyBody(msgspec.Struct):
     target_device: str
     keep_source: bool = False
     verify: str = "size"
+    bandwidth_limit: int | None = None
     timeout: float | None = None
 
 
@@ -120,6 +124,34 @@ def _already_there(head: Head, kind: str, node: str, args: dict[str, Any], loc: 
     return reg.get_op(op.op_id)
 
 
+GRANT_TTL = 2 * 3600.0
+
+
+def peer_sources(head: Head, model: str, target_node: str, first: str | None = None) -> list[dict[str, Any]]:
+    """Ready copies of `model` on online nodes with a data server, each with a grant for
+    `target_node`; `first` (a device) leads, the others follow as fallbacks."""
+    reg = head.registry
+    holders = []
+    for loc in reg.model_locations(model):
+        node_id, _, tier = loc.device.partition(":")
+        node = reg.nodes.get(node_id)
+        if loc.state != "ready" or tier not in ("disk", "dram") or node is None:
+            continue
+        if node.status != "online" or not node.data_url or head.agents.get(node_id) is None:
+            continue
+        holders.append((loc.device != first, tier != "dram", loc.device, node_id, tier, node.data_url))
+    holders.sort()
+    return [
+        {
+            "node_id": node_id,
+            "url": url,
+            "tier": tier,
+            "token": grants.mint(head.tokens.transfer_key, model, node_id, target_node, GRANT_TTL),
+        }
+        for _, _, _, node_id, tier, url in holders
+    ]
+
+
 def _writing(head: Head, model: str, device: str, state: str) -> Any:
     def mark(op: Op) -> list[Event]:
         return head.registry.set_location(model, device, state, op_id=op.op_id)
@@ -146,7 +178,10 @@ async def download(request: web.Request) -> web.Response:
         "tier": dev.tier,
         "allow_patterns": body.allow_patterns,
         "ignore_patterns": body.ignore_patterns,
+        "bandwidth_limit": body.bandwidth_limit,
     }
+    if body.prefer_peer and not body.allow_patterns and not body.ignore_patterns:
+        args["peers"] = [p for p in peer_sources(head, model, dev.node) if p["node_id"] != dev.node]
     if loc is not None and loc.state == "ready":
         return json_response(_already_there(head, "download", dev.node, args, loc), status=200)
     running = _open_writer(head, model, device)
@@ -184,13 +219,10 @@ async def _copy_or_move(request: web.Request, move: bool) -> web.Response:
             code="not_held",
             details={"locations": [loc.device for loc in head.registry.model_locations(model)]},
         )
-    if src.node != dst.node:
-        raise Conflict(
-            f"{src} and {dst} are on different nodes: copies between nodes come with peer transfers",
-            code="unsupported",
-        )
     _require_node(head, dst)
     remove_source = move and not body.keep_source
+    if src.node != dst.node:
+        return await _between_nodes(request, head, model, src, dst, remove_source, body)
     args = {
         "model_name": model,
         "source_tier": src.tier,
@@ -213,8 +245,45 @@ async def _copy_or_move(request: web.Request, move: bool) -> web.Response:
     return await op_response(request, op)
 
 
+async def _between_nodes(
+    request: web.Request,
+    head: Head,
+    model: str,
+    src: Device,
+    dst: Device,
+    remove_source: bool,
+    body: CopyBody,
+) -> web.Response:
+    """The target node pulls from the source node's data server (other holders as fallbacks)."""
+    _require_node(head, src)
+    peers = peer_sources(head, model, dst.node, first=str(src))
+    if not peers or peers[0]["node_id"] != src.node:
+        raise Conflict(f"{src.node} has no data server reachable for peers", code="node_offline")
+    args: dict[str, Any] = {
+        "model_name": model,
+        "tier": dst.tier,
+        "peers": peers,
+        "bandwidth_limit": body.bandwidth_limit,
+        "source_device": str(src),
+        "remove_source": remove_source,
+    }
+    dst_loc = head.registry.locations.get((model, str(dst)))
+    if dst_loc is not None and dst_loc.state == "ready" and not remove_source:
+        return json_response(_already_there(head, "fetch", dst.node, args, dst_loc), status=200)
+    running = _open_writer(head, model, str(dst))
+    if running is not None:
+        return await op_response(request, running, status=200)
+    src_loc = head.registry.locations[(model, str(src))]
+    if dst_loc is None or dst_loc.state != "ready":
+        _check_room(head, dst, src_loc.size)
+    op = await head.dispatcher.submit(
+        "fetch", dst.node, args, body.timeout, on_created=_writing(head, model, str(dst), "copying")
+    )
+    return await op_response(request, op)
+
+
 async def copy(request: web.Request) -> web.Response:
-    """`POST /copy`: copy a model between tiers of a node."""
+    """`POST /copy`: copy a model between tiers of a node or between nodes."""
     return await _copy_or_move(request, move=False)
 
 
@@ -327,6 +396,10 @@ def _on_write_result(head: Head) -> Any:
             )
             if r.get("removed_source"):
                 events.extend(reg.remove_location(model, f"{op.node_id}:{op.args.get('source_tier')}"))
+            source = op.args.get("source_device")
+            if op.kind == "fetch" and op.args.get("remove_source") and isinstance(source, str):
+                # A move between nodes: the source goes only now, after the target verified.
+                head.spawn(_remove_after_move(head, model, parse_device(source)))
         else:
             loc = reg.locations.get((model, device))
             if loc is not None and loc.op_id == op.op_id and loc.state != "ready":
@@ -334,6 +407,13 @@ def _on_write_result(head: Head) -> Any:
         return events
 
     return hook
+
+
+async def _remove_after_move(head: Head, model: str, source: Device) -> None:
+    try:
+        await _delete_copy(head, model, source, force=False)
+    except GswarmError as exc:
+        head.log_warning(f"move of {model}: the source copy on {source} stays: {exc.message}")
 
 
 def _on_delete_result(head: Head) -> Any:
@@ -362,4 +442,5 @@ def setup(app: web.Application) -> None:
     r.add_delete("/models/{model_name}", delete_model)
     head.dispatcher.on_result("download", _on_write_result(head))
     head.dispatcher.on_result("copy", _on_write_result(head))
+    head.dispatcher.on_result("fetch", _on_write_result(head))
     head.dispatcher.on_result("delete", _on_delete_result(head))

@@ -1,0 +1,157 @@
+"""The agent's data server: published model files to peers, nothing else.
+
+`GET /models/{model}/{tier}/manifest` and `GET /models/{model}/{tier}/files/{path}` (with
+Range), each needing `Authorization: Bearer <transfer token>` signed by the head for this
+model and this node. Files go out with `sendfile` (aiohttp's FileResponse) unless a bandwidth
+limit is set, in which case they are streamed through a token bucket shared by all requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from gswarm import grants
+from gswarm.agent.stores import MANIFEST_NAME, safe_relpath
+from gswarm.devices import MODEL_NAME_RE
+from gswarm.errors import Forbidden, GswarmError, NotFound
+from gswarm.protocol import encode
+
+if TYPE_CHECKING:
+    from gswarm.agent.main import Agent
+
+log = logging.getLogger(__name__)
+
+
+class TokenBucket:
+    """A shared rate limit in bytes/s (async side)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._tokens = float(min(rate, 1 << 20))
+        self._last = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        """Wait until `n` bytes may be sent."""
+        async with self._lock:
+            now = time.monotonic()
+            self._tokens = min(float(self.rate), self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            if self._tokens < 0:
+                await asyncio.sleep(-self._tokens / self.rate)
+
+
+class DataServer:
+    """Serves this node's published copies to peers holding a transfer grant."""
+
+    def __init__(self, agent: Agent, port: int = 0, bandwidth: int | None = None) -> None:
+        self.agent = agent
+        self.port = port
+        self.bucket = TokenBucket(bandwidth) if bandwidth else None
+        self._runner: web.AppRunner | None = None
+        self.bytes_served = 0
+
+    async def start(self, host: str = "0.0.0.0") -> None:
+        """Listen (port 0 picks a free port)."""
+        app = web.Application(middlewares=[self._errors])
+        app.router.add_get("/models/{model}/{tier}/manifest", self._manifest)
+        app.router.add_get("/models/{model}/{tier}/files/{path:.+}", self._file)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, self.port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: object) -> web.StreamResponse:
+        try:
+            return await handler(request)  # type: ignore[operator, no-any-return]
+        except GswarmError as err:
+            return web.Response(
+                body=encode(err.to_payload()), status=err.status, content_type="application/json"
+            )
+
+    def _authorize(self, request: web.Request) -> tuple[str, str]:
+        model = request.match_info["model"]
+        tier = request.match_info["tier"]
+        header = request.headers.get("Authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise Forbidden("a transfer token is needed")
+        grants.check(self.agent.transfer_key, header[7:].strip(), model, self.agent.node_id)
+        if not MODEL_NAME_RE.fullmatch(model) or tier not in self.agent.stores:
+            raise NotFound("no such copy")
+        return model, tier
+
+    async def _manifest(self, request: web.Request) -> web.Response:
+        model, tier = self._authorize(request)
+        path = self.agent.stores[tier].model_dir(model) / MANIFEST_NAME
+        try:
+            body = await asyncio.to_thread(path.read_bytes)
+        except OSError:
+            raise NotFound(f"{model} is not held on {tier} of {self.agent.node_id}") from None
+        return web.Response(body=body, content_type="application/json")
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        model, tier = self._authorize(request)
+        try:
+            rel = safe_relpath(request.match_info["path"])
+        except GswarmError:
+            raise NotFound("no such file") from None
+        store = self.agent.stores[tier]
+        manifest = await asyncio.to_thread(store.manifest, model)
+        if manifest is None or rel not in {f.path for f in manifest.files}:
+            raise NotFound(f"{rel} is not a published file of {model} on {tier}")
+        path = store.model_dir(model) / rel
+        if self.bucket is None:
+            return web.FileResponse(path, chunk_size=1 << 20)
+        return await self._throttled(request, path)
+
+    async def _throttled(self, request: web.Request, path: os.PathLike[str]) -> web.StreamResponse:
+        assert self.bucket is not None
+        size = (await asyncio.to_thread(os.stat, path)).st_size
+        start, end = 0, size
+        status = 200
+        rng = request.http_range
+        if rng.start is not None or rng.stop is not None:
+            start = rng.start or 0
+            end = min(size, rng.stop if rng.stop is not None else size)
+            if start >= end:
+                raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+            status = 206
+        resp = web.StreamResponse(status=status)
+        resp.content_length = end - start
+        resp.headers["Accept-Ranges"] = "bytes"
+        if status == 206:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        await resp.prepare(request)
+        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        try:
+            pos = start
+            while pos < end:
+                n = min(256 << 10, end - pos)
+                await self.bucket.take(n)
+                data = await asyncio.to_thread(os.pread, fd, n, pos)
+                if not data:
+                    break
+                await resp.write(data)
+                pos += len(data)
+                self.bytes_served += len(data)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the peer went away; it resumes elsewhere
+        finally:
+            os.close(fd)
+        return resp

@@ -1,0 +1,67 @@
+"""Transfer grants: short-lived tokens the head signs (HMAC-SHA256) that let one node fetch one
+model's files from another node's data server. No I/O.
+
+A grant reads `<base64url claims>.<base64url signature>`; the claims name the model, the node
+serving it, the node fetching it, and when the grant expires.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+
+import msgspec
+
+from gswarm.errors import Forbidden
+
+
+class Grant(msgspec.Struct):
+    """What a transfer token allows."""
+
+    model: str
+    source: str
+    target: str
+    exp: float
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def mint(key: str, model: str, source: str, target: str, ttl: float) -> str:
+    """A token letting `target` fetch `model` from `source` for `ttl` seconds."""
+    claims = msgspec.json.encode(Grant(model=model, source=source, target=target, exp=time.time() + ttl))
+    sig = hmac.new(key.encode(), claims, hashlib.sha256).digest()
+    return f"{_b64(claims)}.{_b64(sig)}"
+
+
+def check(key: str, token: str, model: str, source: str) -> Grant:
+    """The grant, if `token` is genuine, unexpired, for `model` and served by `source`;
+    Forbidden naming the reason otherwise."""
+    if not key:
+        raise Forbidden("this node has no transfer key yet (not connected to a head)")
+    try:
+        claims_b64, sig_b64 = token.split(".", 1)
+        claims = _unb64(claims_b64)
+        sig = _unb64(sig_b64)
+    except (ValueError, TypeError):
+        raise Forbidden("malformed transfer token") from None
+    if not hmac.compare_digest(sig, hmac.new(key.encode(), claims, hashlib.sha256).digest()):
+        raise Forbidden("transfer token signature does not match")
+    try:
+        grant = msgspec.json.decode(claims, type=Grant)
+    except msgspec.DecodeError:
+        raise Forbidden("malformed transfer token") from None
+    if grant.exp < time.time():
+        raise Forbidden("transfer token expired")
+    if grant.model != model:
+        raise Forbidden(f"transfer token is for model {grant.model!r}, not {model!r}")
+    if grant.source != source:
+        raise Forbidden(f"transfer token is for node {grant.source!r}, not this node")
+    return grant

@@ -1,0 +1,285 @@
+"""Replication: spread one model to many devices, node to node.
+
+`POST /replicate {model_name, targets | all_nodes, source_device?, max_fanout?}` creates a
+head-side op (kind `replicate`, node `head`) and a coordinator task. The coordinator starts a
+`fetch` op on each target, taking as source the holder with the fewest peers in flight (never
+more than `max_fanout` at once); each target that finishes becomes a source for the next, so
+the copies spread as a tree. A failed fetch is retried from another holder; the op ends with a
+result per target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gswarm.devices import parse_device, validate_model_name
+from gswarm.errors import BadRequest, Conflict, GswarmError
+from gswarm.head.app import HEAD_KEY, Head
+from gswarm.head.routes import op_response, read_json
+from gswarm.head.transfers import _open_writer, _require_node, _writing, peer_sources
+from gswarm.protocol import Event, Op, OpError, OpProgress
+
+HEAD_NODE = "@head"  # not a valid node id: no agent can claim it
+MAX_ATTEMPTS = 3
+
+
+class ReplicateBody(msgspec.Struct):
+    """`POST /replicate`."""
+
+    model_name: str
+    targets: list[str] = msgspec.field(default_factory=list)
+    all_nodes: str | None = None
+    source_device: str | None = None
+    max_fanout: int = 2
+    bandwidth_limit: int | None = None
+    timeout: float | None = None
+
+
+async def replicate(request: web.Request) -> web.Response:
+    """`POST /replicate`: copy a model to many devices, each finished node feeding the next."""
+    head = request.app[HEAD_KEY]
+    body = await read_json(request, ReplicateBody)
+    model = validate_model_name(body.model_name, "model_name")
+    head.registry.get_model(model)
+    if not 1 <= body.max_fanout <= 64:
+        raise BadRequest(
+            "max_fanout must be between 1 and 64", code="invalid_field", details={"field": "max_fanout"}
+        )
+    targets = [str(parse_device(t, "targets")) for t in body.targets]
+    if body.all_nodes:
+        tier = body.all_nodes
+        if tier not in ("disk", "dram"):
+            raise BadRequest(f"all_nodes takes disk or dram, not {tier!r}", code="invalid_device")
+        targets += [f"{n.node_id}:{tier}" for n in head.registry.nodes.values() if n.status == "online"]
+    targets = list(dict.fromkeys(targets))
+    if not targets:
+        raise BadRequest(
+            "no targets: give targets or all_nodes", code="invalid_field", details={"field": "targets"}
+        )
+    for t in targets:
+        dev = parse_device(t, "targets")
+        if dev.is_gpu:
+            raise BadRequest(f"{t}: replication goes to disk or dram", code="unsupported_tier")
+        _require_node(head, dev)
+    holders = [loc.device for loc in head.registry.model_locations(model) if loc.state == "ready"]
+    if body.source_device is not None:
+        src = str(parse_device(body.source_device, "source_device"))
+        if src not in holders:
+            raise Conflict(f"{model} is not held on {src}", code="not_held", details={"locations": holders})
+    elif not [h for h in holders if parse_device(h).tier in ("disk", "dram")]:
+        raise Conflict(f"{model} has no ready copy to replicate from", code="not_held")
+    args: dict[str, Any] = {
+        "model_name": model,
+        "targets": targets,
+        "source_device": body.source_device,
+        "max_fanout": body.max_fanout,
+        "bandwidth_limit": body.bandwidth_limit,
+    }
+    op, events = head.registry.create_op(
+        "replicate", HEAD_NODE, args, body.timeout or head.settings.op_timeout
+    )
+    events.extend(head.registry.op_accepted(op.op_id))
+    head.commit(events)
+    head.spawn(Replication(head, op).run(), name=f"replicate-{op.op_id}")
+    return await op_response(request, op)
+
+
+class Replication:
+    """The coordinator of one replicate op."""
+
+    def __init__(self, head: Head, op: Op) -> None:
+        self.head = head
+        self.op = op
+        self.model = str(op.args["model_name"])
+        self.fanout = int(op.args.get("max_fanout") or 2)
+        self.bandwidth = op.args.get("bandwidth_limit")
+        self.results: dict[str, dict[str, Any]] = {}
+        self.load: collections.Counter[str] = collections.Counter()
+        self.attempts: collections.Counter[str] = collections.Counter()
+        self.failed_sources: dict[str, set[str]] = collections.defaultdict(set)
+
+    def _holders(self) -> list[str]:
+        reg = self.head.registry
+        first = self.op.args.get("source_device")
+        found = [
+            loc.device
+            for loc in reg.model_locations(self.model)
+            if loc.state == "ready" and parse_device(loc.device).tier in ("disk", "dram")
+        ]
+        found.sort(key=lambda d: (d != first, self.load[d]))
+        return found
+
+    async def run(self) -> None:
+        """Drive fetch ops until every target is done or has failed for good."""
+        reg = self.head.registry
+        targets: list[str] = list(self.op.args["targets"])
+        pending = collections.deque(t for t in targets if not self._ready(t))
+        for t in targets:
+            if self._ready(t):
+                self.results[t] = {"state": "succeeded", "already_present": True}
+        active: dict[str, tuple[str, str]] = {}  # child op id -> (target, source)
+        try:
+            while pending or active:
+                if reg.get_op(self.op.op_id).terminal:
+                    for child in list(active):
+                        if not reg.get_op(child).terminal:
+                            await self.head.dispatcher.cancel(child, "replication cancelled")
+                    return
+                await self._start_some(pending, active)
+                self._progress(len(targets))
+                if not active:
+                    break
+                await self._wait_any(active)
+                await self._give_up_on_lost_targets(active)
+                for child in [c for c in active if reg.get_op(c).terminal]:
+                    target, source = active.pop(child)
+                    self.load[source] -= 1
+                    self._settle(reg.get_op(child), target, source, pending)
+        finally:
+            self._finish(targets)
+
+    async def _give_up_on_lost_targets(self, active: dict[str, tuple[str, str]]) -> None:
+        """A target whose node went offline is not waited for: the rest carries on without it."""
+        reg = self.head.registry
+        for child, (target, _) in list(active.items()):
+            node = reg.nodes.get(target.partition(":")[0])
+            if node is not None and node.status == "offline" and not reg.get_op(child).terminal:
+                await self.head.dispatcher.cancel(
+                    child, f"node {node.node_id} went offline during replication"
+                )
+
+    def _ready(self, device: str) -> bool:
+        loc = self.head.registry.locations.get((self.model, device))
+        return loc is not None and loc.state == "ready"
+
+    async def _start_some(self, pending: collections.deque[str], active: dict[str, tuple[str, str]]) -> None:
+        busy_nodes = {t.partition(":")[0] for t, _ in active.values()}
+        for _ in range(len(pending)):
+            target = pending.popleft()
+            node = target.partition(":")[0]
+            sources = [
+                h
+                for h in self._holders()
+                if self.load[h] < self.fanout and h not in self.failed_sources[target] and h != target
+            ]
+            if not any(h not in self.failed_sources[target] for h in self._holders() if h != target):
+                self.results[target] = {"state": "failed", "error": "every holder failed to serve it"}
+                continue
+            if node in busy_nodes or not sources:
+                pending.append(target)
+                continue
+            # A copy on the target's own node is a local copy, not a network transfer.
+            source = next((h for h in sources if h.partition(":")[0] == node), sources[0])
+            try:
+                child = await self._fetch(target, source)
+            except GswarmError as exc:
+                self.results[target] = {"state": "failed", "error": exc.message}
+                continue
+            if child.terminal:
+                self._settle(child, target, source, pending)
+                continue
+            active[child.op_id] = (target, source)
+            self.load[source] += 1
+            busy_nodes.add(node)
+
+    async def _fetch(self, target: str, source: str) -> Op:
+        head = self.head
+        dev = parse_device(target)
+        running = _open_writer(head, self.model, target)
+        if running is not None:
+            return running
+        src = parse_device(source)
+        if src.node == dev.node:
+            local = {
+                "model_name": self.model,
+                "source_tier": src.tier,
+                "target_tier": dev.tier,
+                "remove_source": False,
+                "parent_op": self.op.op_id,
+            }
+            return await head.dispatcher.submit(
+                "copy", dev.node, local, None, _writing(head, self.model, target, "copying")
+            )
+        peers = [
+            p for p in peer_sources(head, self.model, dev.node, first=source) if p["node_id"] != dev.node
+        ]
+        args = {
+            "model_name": self.model,
+            "tier": dev.tier,
+            "peers": peers,
+            "bandwidth_limit": self.bandwidth,
+            "source_device": source,
+            "parent_op": self.op.op_id,
+        }
+        return await head.dispatcher.submit(
+            "fetch", dev.node, args, None, _writing(head, self.model, target, "copying")
+        )
+
+    async def _wait_any(self, active: dict[str, tuple[str, str]]) -> None:
+        waiters = [self.head.op_waiter(child) for child in active]
+        waiters.append(self.head.op_waiter(self.op.op_id))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED, timeout=5.0)
+        finally:
+            for w in waiters:
+                if not w.done():
+                    w.cancel()
+
+    def _settle(self, child: Op, target: str, source: str, pending: collections.deque[str]) -> None:
+        if child.state == "succeeded":
+            result = child.result or {}
+            self.results[target] = {
+                "state": "succeeded",
+                "op_id": child.op_id,
+                "from": result.get("from_peer") or source,
+                "seconds": round((child.finished_at or 0) - (child.started_at or child.created_at), 3),
+            }
+            return
+        self.attempts[target] += 1
+        self.failed_sources[target].add(source)
+        message = child.error.message if child.error else child.state
+        if child.state == "cancelled" or self.attempts[target] >= MAX_ATTEMPTS:
+            self.results[target] = {"state": "failed", "op_id": child.op_id, "error": message}
+        else:
+            pending.append(target)
+
+    def _progress(self, total: int) -> None:
+        done = sum(1 for r in self.results.values() if r["state"] == "succeeded")
+        progress = OpProgress(done=done, total=total, message=f"{done}/{total} targets ready")
+        op = self.head.registry.ops[self.op.op_id]
+        if op.progress.done != done or not op.progress.total:
+            self.head.commit(self.head.registry.op_progress(self.op.op_id, progress))
+
+    def _finish(self, targets: list[str]) -> None:
+        reg = self.head.registry
+        for t in targets:
+            self.results.setdefault(t, {"state": "failed", "error": "not attempted"})
+        self._progress(len(targets))
+        failed = [t for t, r in self.results.items() if r["state"] != "succeeded"]
+        events: list[Event]
+        if failed:
+            error = OpError(
+                "replication_incomplete",
+                f"{len(failed)} of {len(targets)} targets failed: {', '.join(failed)}",
+            )
+            events = reg.op_finished(self.op.op_id, "failed", result={"targets": self.results}, error=error)
+        else:
+            events = reg.op_finished(self.op.op_id, "succeeded", result={"targets": self.results})
+        self.head.commit(events)
+
+
+def resume(head: Head) -> None:
+    """After a restart: pick up the coordinators of replications that had not ended."""
+    for op in head.registry.open_ops(HEAD_NODE):
+        if op.kind == "replicate":
+            head.spawn(Replication(head, op).run(), name=f"replicate-{op.op_id}")
+
+
+def setup(app: web.Application) -> None:
+    """Attach the replicate route."""
+    app.router.add_post("/replicate", replicate)
