@@ -98,6 +98,30 @@ class ModelView(msgspec.Struct):
     locations: list[Location] = msgspec.field(default_factory=list)
 
 
+class Service(msgspec.Struct):
+    """A running inference server for a model on a device."""
+
+    service_id: str
+    model: str
+    device: str
+    backend: str
+    port: int
+    url: str = ""
+    state: str = "starting"
+    pid: int = 0
+    restarts: int = 0
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    error: str = ""
+    log_tail: str = ""
+    started_at: float = 0.0
+    updated_at: float = 0.0
+
+
+def service_id(model: str, device: str) -> str:
+    """The id of the service of a model on a device."""
+    return f"{model}@{device}"
+
+
 class Node(msgspec.Struct):
     """A machine known to the head, with the agent's latest report."""
 
@@ -110,6 +134,7 @@ class Node(msgspec.Struct):
     inventory: Inventory = msgspec.field(default_factory=Inventory)
     holdings: list[Holding] = msgspec.field(default_factory=list)
     connected: bool = False
+    backends: list[str] = msgspec.field(default_factory=list)
     registered_at: float = 0.0
     status_since: float = 0.0
     last_seen: float = 0.0
@@ -174,6 +199,8 @@ class Hello(msgspec.Struct, tag="hello", tag_field="type", omit_defaults=True):
     holdings: list[Holding] = msgspec.field(default_factory=list)
     running: list[str] = msgspec.field(default_factory=list)
     finished: list[str] = msgspec.field(default_factory=list)
+    services: list[Service] = msgspec.field(default_factory=list)
+    backends: list[str] = msgspec.field(default_factory=list)
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", omit_defaults=True):
@@ -214,7 +241,20 @@ class Failed(msgspec.Struct, tag="failed", tag_field="type", omit_defaults=True)
     holdings: list[Holding] | None = None
 
 
-AgentMessage = Hello | Heartbeat | Accepted | Progress | Succeeded | Failed
+class HoldingsChanged(msgspec.Struct, tag="holdings", tag_field="type"):
+    """What the node holds changed outside an op (a GPU worker died, say)."""
+
+    holdings: list[Holding]
+
+
+class ServiceChanged(msgspec.Struct, tag="service", tag_field="type", omit_defaults=True):
+    """A service changed state (started, healthy, restarting, failed, stopped)."""
+
+    service: Service
+    removed: bool = False
+
+
+AgentMessage = Hello | Heartbeat | Accepted | Progress | Succeeded | Failed | HoldingsChanged | ServiceChanged
 
 # ---------------------------------------------------------------- head -> agent
 

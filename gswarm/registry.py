@@ -25,6 +25,7 @@ from gswarm.protocol import (
     Op,
     OpError,
     OpProgress,
+    Service,
     to_builtins,
 )
 
@@ -65,6 +66,7 @@ class Registry:
         self.nodes: dict[str, Node] = {}
         self.locations: dict[tuple[str, str], Location] = {}
         self.ops: dict[str, Op] = {}
+        self.services: dict[str, Service] = {}
         self.last_seq = 0
 
     # ------------------------------------------------------------ loading
@@ -76,8 +78,10 @@ class Registry:
         locations: Iterable[Location],
         ops: Iterable[Op],
         last_seq: int,
+        services: Iterable[Service] = (),
     ) -> None:
         """Restore state read back from storage (no events)."""
+        self.services = {s.service_id: s for s in services}
         self.models = {m.name: m for m in models}
         self.nodes = {n.node_id: n for n in nodes}
         self.locations = {(loc.model, loc.device): loc for loc in locations}
@@ -148,8 +152,10 @@ class Registry:
         holdings: list[Holding],
         agent_version: str,
         data_url: str,
+        backends: list[str] | None = None,
     ) -> list[Event]:
         """An agent said Hello: the node is online with this inventory."""
+        backends = backends or []
         now = time.time()
         node = self.nodes.get(node_id)
         events: list[Event] = []
@@ -166,6 +172,7 @@ class Registry:
         node.holdings = holdings
         node.agent_version = agent_version
         node.data_url = data_url
+        node.backends = backends
         if not was_online:
             node.status = "online"
             node.status_since = now
@@ -346,3 +353,23 @@ class Registry:
         if loc is None:
             return []
         return [self._event("location.deleted", location_key(model, device), loc)]
+
+    # ------------------------------------------------------------ services
+
+    def set_service(self, service: Service) -> list[Event]:
+        """Record a service's new state."""
+        service.updated_at = time.time()
+        self.services[service.service_id] = service
+        return [self._event("service.updated", service.service_id, service)]
+
+    def remove_service(self, sid: str) -> list[Event]:
+        """Forget a service (idempotent)."""
+        service = self.services.pop(sid, None)
+        if service is None:
+            return []
+        service.state = "stopped"
+        return [self._event("service.deleted", sid, service)]
+
+    def node_services(self, node_id: str) -> list[Service]:
+        """The services on one node."""
+        return [s for s in self.services.values() if s.device.partition(":")[0] == node_id]

@@ -20,14 +20,15 @@ from typing import Any
 
 import msgspec
 
-from gswarm.protocol import Event, Location, Model, Node, Op, encode, event_decoder
+from gswarm.protocol import Event, Location, Model, Node, Op, Service, encode, event_decoder
 
-_TABLES = {"model": "models", "node": "nodes", "location": "locations", "op": "ops"}
+_TABLES = {"model": "models", "node": "nodes", "location": "locations", "op": "ops", "service": "services"}
 _ENTITY_TYPES: dict[str, type[Any]] = {
     "models": Model,
     "nodes": Node,
     "locations": Location,
     "ops": Op,
+    "services": Service,
 }
 _TRANSIENT_KINDS = frozenset({"op.progress"})
 
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS models (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS nodes (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS locations (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS ops (key TEXT PRIMARY KEY, body BLOB);
+CREATE TABLE IF NOT EXISTS services (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
@@ -49,6 +51,7 @@ class Snapshot:
     nodes: list[Node]
     locations: list[Location]
     ops: list[Op]
+    services: list[Service]
     last_seq: int
     recent_events: list[Event]
 
@@ -98,6 +101,7 @@ class Store:
             nodes=tables["nodes"],
             locations=tables["locations"],
             ops=tables["ops"],
+            services=tables["services"],
             last_seq=last_seq,
             recent_events=events,
         )

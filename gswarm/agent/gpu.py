@@ -1,4 +1,5 @@
-"""GPU inventory from NVML (nvidia-ml-py), or clearly marked simulated GPUs.
+"""GPUs: inventory from NVML (nvidia-ml-py) or clearly marked simulated GPUs, and the pool
+of worker processes (one per GPU) that hold models resident.
 
 NVML calls block, so callers run `GpuProbe.read` in a thread. Where NVML is absent (no
 driver, no NVIDIA hardware) the node reports no GPUs and says why, and nothing crashes.
@@ -6,10 +7,18 @@ driver, no NVIDIA hardware) the node reports no GPUs and says why, and nothing c
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import re
+import sys
 import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from gswarm.protocol import GpuInfo
+from gswarm.errors import BadRequest, GswarmError, InsufficientSpace
+from gswarm.protocol import GpuInfo, Holding
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -102,3 +111,236 @@ class GpuProbe:
             except pynvml.NVMLError as exc:
                 self.error = f"NVML error: {exc}"
             return gpus
+
+
+class WorkerHandle:
+    """The agent's end of one worker process (`gswarm.agent.gpu_worker`): JSON-line calls,
+    progress callbacks, and a callback when the process dies."""
+
+    def __init__(self, device: str, log_path: Path, on_exit: Callable[[WorkerHandle], None] | None = None):
+        self.device = device
+        self.log_path = log_path
+        self.on_exit = on_exit
+        self.proc: asyncio.subprocess.Process | None = None
+        self._pending: dict[
+            int, tuple[asyncio.Future[dict[str, Any]], Callable[[int, int], None] | None]
+        ] = {}
+        self._next = 0
+        self._reader: asyncio.Task[None] | None = None
+        self.stopping = False
+
+    @property
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc is not None and self.proc.returncode is None
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id (0 before start)."""
+        return self.proc.pid if self.proc is not None else 0
+
+    async def start(self, timeout: float = 120.0) -> None:
+        """Start the process and wait until it is ready (torch imported)."""
+        await asyncio.to_thread(self.log_path.parent.mkdir, parents=True, exist_ok=True)
+        log_file = await asyncio.to_thread(open, self.log_path, "ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gswarm.agent.gpu_worker",
+                "--device",
+                self.device,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                start_new_session=True,
+            )
+        finally:
+            log_file.close()
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except TimeoutError:
+            await self.kill()
+            raise GswarmError(f"the {self.device} worker did not start within {timeout:g} s") from None
+        ready = json.loads(line) if line else {}
+        if ready.get("event") != "ready":
+            await self.kill()
+            reason = ready.get("error") or f"exited with {self.proc.returncode}; see {self.log_path}"
+            raise GswarmError(
+                f"the {self.device} worker failed to start: {reason}", code="worker_unavailable"
+            )
+        self._reader = asyncio.create_task(self._read(), name=f"worker-{self.device}")
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            while True:
+                line = await self.proc.stdout.readline()
+                if not line:
+                    break
+                msg = json.loads(line)
+                entry = self._pending.get(msg.get("id"))
+                if entry is None:
+                    continue
+                fut, progress = entry
+                if msg.get("event") == "progress":
+                    if progress is not None:
+                        progress(int(msg["done"]), int(msg["total"]))
+                    continue
+                self._pending.pop(msg["id"], None)
+                if not fut.done():
+                    fut.set_result(msg)
+        finally:
+            await self.proc.wait()
+            for fut, _ in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(GswarmError(f"the {self.device} worker died", code="worker_died"))
+            self._pending.clear()
+            if self.on_exit is not None and not self.stopping:
+                self.on_exit(self)
+
+    async def call(
+        self,
+        cmd: str,
+        progress: Callable[[int, int], None] | None = None,
+        timeout: float = 3600.0,
+        **args: Any,
+    ) -> dict[str, Any]:
+        """Send one command and wait for its answer; GswarmError if it failed."""
+        if not self.alive or self.proc is None or self.proc.stdin is None:
+            raise GswarmError(f"the {self.device} worker is not running", code="worker_died")
+        self._next += 1
+        req_id = self._next
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = (fut, progress)
+        self.proc.stdin.write(json.dumps({"id": req_id, "cmd": cmd, **args}).encode() + b"\n")
+        await self.proc.stdin.drain()
+        try:
+            reply = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(req_id, None)
+        if not reply.get("ok"):
+            code = str(reply.get("code") or "worker_error")
+            cls = InsufficientSpace if code == "insufficient_space" else GswarmError
+            raise cls(str(reply.get("error")), code=code)
+        return reply
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Ask the process to exit; kill it after `grace` seconds."""
+        self.stopping = True
+        if self.alive and self.proc is not None and self.proc.stdin is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                self.proc.stdin.write(b'{"cmd": "exit"}\n')
+                await self.proc.stdin.drain()
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except TimeoutError:
+                await self.kill()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def kill(self) -> None:
+        """SIGKILL the process."""
+        if self.alive and self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+
+class GpuPool:
+    """One worker per GPU holding models resident; memory checked before each load."""
+
+    def __init__(self, probe: GpuProbe, log_dir: Path, on_lost: Callable[[int], None]) -> None:
+        self.probe = probe
+        self.log_dir = log_dir
+        self.on_lost = on_lost
+        self.workers: dict[int, WorkerHandle] = {}
+        self.resident: dict[int, dict[str, int]] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    def _lock(self, gpu: int) -> asyncio.Lock:
+        return self._locks.setdefault(gpu, asyncio.Lock())
+
+    async def gpu(self, index: int) -> GpuInfo:
+        """The GPU with this index, or BadRequest naming what the node has."""
+        gpus = await asyncio.to_thread(self.probe.read)
+        for g in gpus:
+            if g.index == index:
+                return g
+        have = ", ".join(f"gpu{g.index}" for g in gpus) or "no GPUs"
+        raise BadRequest(f"this node has no gpu{index} (it has {have})", code="invalid_device")
+
+    async def worker(self, index: int) -> WorkerHandle:
+        """The live worker of a GPU, started if needed."""
+        info = await self.gpu(index)
+        w = self.workers.get(index)
+        if w is None or not w.alive:
+            device = "cpu" if info.simulated else f"cuda:{index}"
+            w = WorkerHandle(device, self.log_dir / f"gpu{index}-worker.log", lambda h: self._lost(index, h))
+            await w.start()
+            self.workers[index] = w
+        return w
+
+    def _lost(self, index: int, handle: WorkerHandle) -> None:
+        if self.workers.get(index) is not handle:
+            return
+        self.resident.pop(index, None)
+        self.probe.sim_used.pop(index, None)
+        self.on_lost(index)
+
+    async def load(
+        self,
+        index: int,
+        model: str,
+        model_dir: Path,
+        files: list[str],
+        size: int,
+        progress: Callable[[int, int], None],
+    ) -> int:
+        """Make `model` resident on GPU `index`; InsufficientSpace when it cannot fit."""
+        async with self._lock(index):
+            if model in self.resident.get(index, {}):
+                return self.resident[index][model]
+            info = await self.gpu(index)
+            if size > info.memory_free:
+                raise InsufficientSpace(
+                    f"{model} needs {size} bytes, gpu{index} has {info.memory_free} free",
+                    details={"needed": size, "free": info.memory_free},
+                )
+            w = await self.worker(index)
+            reply = await w.call("load", progress, model=model, dir=str(model_dir), files=files)
+            resident = int(reply.get("bytes", size))
+            self.resident.setdefault(index, {})[model] = resident
+            if info.simulated:
+                self.probe.sim_used[index] = self.probe.sim_used.get(index, 0) + resident
+            return resident
+
+    async def unload(self, index: int, model: str) -> int:
+        """Free a model's memory on a GPU; 0 when it was not resident."""
+        async with self._lock(index):
+            held = self.resident.get(index, {})
+            if model not in held:
+                return 0
+            w = self.workers.get(index)
+            if w is not None and w.alive:
+                await w.call("unload", model=model)
+            freed = held.pop(model)
+            if index in self.probe.sim_used:
+                self.probe.sim_used[index] = max(0, self.probe.sim_used[index] - freed)
+            return freed
+
+    def holdings(self) -> list[Holding]:
+        """Every resident model, as holdings on tier gpuN."""
+        return [
+            Holding(model=m, tier=f"gpu{i}", path=self.workers[i].device if i in self.workers else "", size=b)
+            for i, models in sorted(self.resident.items())
+            for m, b in sorted(models.items())
+        ]
+
+    async def close(self) -> None:
+        """Stop every worker."""
+        await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
+        self.workers.clear()
+        self.resident.clear()

@@ -11,10 +11,11 @@ from typing import Any
 
 from gswarm import PROTOCOL_VERSION, __version__
 from gswarm.agent import inventory as inventory_mod
+from gswarm.agent import serving as serving
 from gswarm.agent import tier_ops as tier_ops
 from gswarm.agent.dataserver import DataServer
 from gswarm.agent.executor import Executor, OpContext, OpResult, op_handler
-from gswarm.agent.gpu import GpuProbe
+from gswarm.agent.gpu import GpuPool, GpuProbe
 from gswarm.agent.session import Session
 from gswarm.agent.stores import TierStore
 from gswarm.config import Settings
@@ -27,6 +28,7 @@ from gswarm.protocol import (
     Heartbeat,
     Hello,
     Holding,
+    HoldingsChanged,
     Inventory,
     Welcome,
     to_builtins,
@@ -34,7 +36,7 @@ from gswarm.protocol import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Agent", "tier_ops"]
+__all__ = ["Agent", "serving", "tier_ops"]
 
 
 class Agent:
@@ -53,6 +55,7 @@ class Agent:
         data_port: int | None = 0,
         data_host: str = "",
         data_bandwidth: int | None = None,
+        serving_config: serving.ServingConfig | None = None,
     ) -> None:
         self.node_id = validate_node_id(node_id)
         self.token = token
@@ -67,12 +70,38 @@ class Agent:
         self.data_host = data_host
         self.transfer_key = ""
         self.dataserver = DataServer(self, data_port, data_bandwidth) if data_port is not None else None
+        log_dir = disk_dir / ".gswarm-logs"
+        self.gpu_pool = GpuPool(self.gpus, log_dir, self._gpu_lost)
+        self.services = serving.ServiceManager(self, serving_config or serving.ServingConfig(), log_dir)
         self.executor = Executor(self, self._send, self.settings.progress_interval)
         self.session = Session(head_url, self.settings, self._hello, self._on_message, self._on_connected)
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
 
     def _send(self, msg: Any) -> None:
         self.session.send(msg)
+
+    def send(self, msg: Any) -> None:
+        """Send a message to the head now (dropped while disconnected; Hello resyncs)."""
+        self.session.send(msg)
+
+    def holdings_changed(self) -> None:
+        """Tell the head what this node holds now (after a change outside a tier op)."""
+        self.spawn(self._report_holdings())
+
+    async def _report_holdings(self) -> None:
+        self.send(HoldingsChanged(holdings=await self.holdings()))
+
+    def _gpu_lost(self, index: int) -> None:
+        log.warning("the worker of gpu%d died: its resident models are gone", index)
+        self.holdings_changed()
+        self.services.gpu_lost(index)
+
+    def spawn(self, coro: Any) -> None:
+        """Run a small background coroutine owned by the agent."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def inventory(self) -> Inventory:
         """A fresh inventory (read in a thread)."""
@@ -80,9 +109,10 @@ class Agent:
 
     async def holdings(self) -> list[Holding]:
         """Every published copy on this node (scanned in a thread)."""
-        return await asyncio.to_thread(
+        on_disk = await asyncio.to_thread(
             lambda: [h for store in self.stores.values() for h in store.holdings()]
         )
+        return on_disk + self.gpu_pool.holdings()
 
     async def _hello(self, local_host: str) -> Hello:
         if self.dataserver is not None and self.dataserver.port:
@@ -99,6 +129,8 @@ class Agent:
             holdings=await self.holdings(),
             running=list(self.executor.running),
             finished=list(self.executor.outbox),
+            services=self.services.services(),
+            backends=self.services.backends,
         )
 
     def _on_connected(self, welcome: Welcome) -> None:
@@ -140,6 +172,11 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.executor.close()
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            await self.services.close()
+            await self.gpu_pool.close()
             if self.dataserver is not None:
                 await self.dataserver.stop()
 

@@ -381,6 +381,17 @@ def _verify_against(root: Path, manifest: Manifest, cancel: threading.Event) -> 
 async def delete(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
     """Remove a published copy (and any unfinished work) of a model from a tier."""
     args = msgspec.convert(raw, DeleteArgs)
+    if args.tier.startswith("gpu"):
+        index = int(args.tier[3:])
+        for svc in [
+            s
+            for s in ctx.agent.services.services()
+            if s.model == args.model_name and s.device.endswith(f":{args.tier}")
+        ]:
+            await ctx.agent.services.stop(svc.service_id)
+        freed = await ctx.agent.gpu_pool.unload(index, args.model_name)
+        ctx.agent.holdings_changed()
+        return {"model": args.model_name, "tier": args.tier, "removed": freed > 0, "freed": freed}
     store = _store(ctx, args.tier)
     async with _lock(ctx, args.tier, args.model_name):
         removed = await asyncio.to_thread(store.remove, args.model_name)

@@ -24,7 +24,9 @@ from gswarm.protocol import (
     HeadMessage,
     Heartbeat,
     Hello,
+    HoldingsChanged,
     Progress,
+    ServiceChanged,
     Succeeded,
     Welcome,
     agent_message_decoder,
@@ -175,10 +177,16 @@ class AgentHub:
         head = self._head
         head.commit(
             head.registry.node_connected(
-                hello.node_id, hello.inventory, hello.holdings, hello.agent_version, hello.data_url
+                hello.node_id,
+                hello.inventory,
+                hello.holdings,
+                hello.agent_version,
+                hello.data_url,
+                hello.backends,
             )
         )
         head.commit(head.reconcile_holdings(hello.node_id, hello.holdings))
+        head.commit(head.reconcile_services(hello.node_id, hello.services))
         await conn.send(
             Welcome(
                 node_id=hello.node_id,
@@ -210,6 +218,17 @@ class AgentHub:
                     if self._conns.get(conn.node_id) is conn:
                         head.registry.nodes[conn.node_id].last_seen = time.time()
                     await head.dispatcher.handle(conn.node_id, decoded)
+                case HoldingsChanged(holdings=holdings):
+                    head.registry.nodes[conn.node_id].holdings = holdings
+                    head.commit(head.reconcile_holdings(conn.node_id, holdings))
+                case ServiceChanged(service=service, removed=removed):
+                    if service.device.partition(":")[0] != conn.node_id:
+                        await _close(conn.ws, CLOSE_BAD_MESSAGE, "a service of another node")
+                        break
+                    if removed:
+                        head.commit(head.registry.remove_service(service.service_id))
+                    else:
+                        head.commit(head.registry.set_service(service))
                 case Hello():
                     await _close(conn.ws, CLOSE_BAD_MESSAGE, "hello sent twice")
                     break

@@ -20,7 +20,7 @@ from gswarm.devices import STORAGE_TIERS
 from gswarm.head.agents import AgentHub
 from gswarm.head.dispatcher import Dispatcher
 from gswarm.head.events import EventBus
-from gswarm.protocol import OP_STATES_TERMINAL, Event, Holding
+from gswarm.protocol import OP_STATES_TERMINAL, Event, Holding, Service
 from gswarm.registry import Registry
 from gswarm.store import Store
 
@@ -68,7 +68,7 @@ class Head:
         """Read state back and start the background sweeper."""
         self.tokens = await asyncio.to_thread(load_or_create_tokens, self.state_dir)
         snap = await asyncio.to_thread(self.store.open_and_load, self.settings.event_ring)
-        self.registry.load(snap.models, snap.nodes, snap.locations, snap.ops, snap.last_seq)
+        self.registry.load(snap.models, snap.nodes, snap.locations, snap.ops, snap.last_seq, snap.services)
         self.bus.preload(snap.recent_events, snap.last_seq)
         self._tasks.add(asyncio.create_task(self._sweeper(), name="head-sweeper"))
         from gswarm.head import replication
@@ -131,6 +131,18 @@ class Head:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(op_id, []).append(fut)
         return fut
+
+    def reconcile_services(self, node_id: str, services: list[Service]) -> list[Event]:
+        """The agent is the truth about what it serves: adopt its list for this node."""
+        reg = self.registry
+        events: list[Event] = []
+        reported = {s.service_id for s in services}
+        for old in reg.node_services(node_id):
+            if old.service_id not in reported:
+                events.extend(reg.remove_service(old.service_id))
+        for svc in services:
+            events.extend(reg.set_service(svc))
+        return events
 
     def reconcile_holdings(self, node_id: str, holdings: list[Holding]) -> list[Event]:
         """Make the registry's locations on a node match what its agent reports holding."""

@@ -1,0 +1,519 @@
+"""Services on a node: start, supervise (health checks, restarts with backoff), stop, logs;
+and the `load`, `serve`, `stop`, `health_check` and `logs` op handlers.
+
+Backends:
+- `builtin`: the OpenAI-compatible server inside the worker process that holds the weights
+  (the GPU's worker for `gpuN`, a CPU worker of its own for `disk`/`dram`);
+- `vllm`: a vLLM OpenAI server subprocess pinned with CUDA_VISIBLE_DEVICES;
+- named command templates from the agent's config file. The API names a template; it never
+  sends a command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+
+from gswarm.agent.executor import OpContext, op_handler
+from gswarm.agent.gpu import WorkerHandle
+from gswarm.devices import parse_device
+from gswarm.errors import BadRequest, Conflict, GswarmError, NotFound
+from gswarm.protocol import Service, ServiceChanged, service_id
+
+if TYPE_CHECKING:
+    from gswarm.agent.main import Agent
+
+log = logging.getLogger(__name__)
+
+
+class Template(msgspec.Struct):
+    """A serving command: placeholders {model}, {model_path}, {port}, {gpu}, {host}."""
+
+    command: list[str]
+    health: str = "/health"
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class ServingConfig(msgspec.Struct):
+    """The `serving` part of the agent's config file."""
+
+    templates: dict[str, Template] = msgspec.field(default_factory=dict)
+    max_restarts: int = 3
+    health_interval: float = 5.0
+    ready_timeout: float = 300.0
+    stop_grace: float = 10.0
+
+
+VLLM = Template(
+    command=[
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "{model_path}",
+        "--served-model-name", "{model}", "--host", "{host}", "--port", "{port}",
+    ],
+    env={"CUDA_VISIBLE_DEVICES": "{gpu}"},
+)  # fmt: skip
+
+
+@dataclass
+class Runtime:
+    """One service on this node and what runs it."""
+
+    service: Service
+    model_dir: Path
+    template: Template | None
+    gpu: int | None
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    worker: WorkerHandle | None = None
+    task: asyncio.Task[None] | None = None
+    stopping: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def port_free(port: int) -> bool:
+    """True when nothing listens on the port (checked by binding it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class ServiceManager:
+    """Every service of this agent."""
+
+    def __init__(self, agent: Agent, config: ServingConfig, log_dir: Path) -> None:
+        self.agent = agent
+        self.config = config
+        self.log_dir = log_dir
+        self.runtimes: dict[str, Runtime] = {}
+
+    @property
+    def backends(self) -> list[str]:
+        """Backend names this agent accepts."""
+        return ["builtin", "vllm", *sorted(self.config.templates)]
+
+    def services(self) -> list[Service]:
+        """Every service, as reported to the head."""
+        return [rt.service for rt in self.runtimes.values()]
+
+    def _emit(self, rt: Runtime, removed: bool = False) -> None:
+        rt.service.updated_at = time.time()
+        self.agent.send(ServiceChanged(service=msgspec.structs.replace(rt.service), removed=removed))
+
+    def gpu_lost(self, index: int) -> None:
+        """A GPU worker died: wake the supervisors of the services it ran."""
+        for rt in self.runtimes.values():
+            if rt.gpu == index and rt.template is None:
+                rt.wake.set()
+
+    # ------------------------------------------------------------ start
+
+    async def start(
+        self,
+        model: str,
+        device: str,
+        backend: str,
+        port: int,
+        config: dict[str, Any],
+        model_dir: Path,
+        host: str,
+    ) -> Service:
+        """Start a service and wait until it answers its health check (or fails)."""
+        sid = service_id(model, device)
+        if sid in self.runtimes:
+            rt = self.runtimes[sid]
+            if rt.service.port != port or rt.service.backend != backend:
+                raise Conflict(
+                    f"{model} is already served on {device} at port {rt.service.port}", code="already_serving"
+                )
+            return rt.service
+        if not 1 <= port <= 65535:
+            raise BadRequest(f"port {port} is out of range (1-65535)", code="invalid_port")
+        if not await asyncio.to_thread(port_free, port):
+            raise Conflict(
+                f"port {port} is already in use on this node: nothing was started", code="port_in_use"
+            )
+        template: Template | None = None
+        if backend == "vllm":
+            template = VLLM
+        elif backend != "builtin":
+            template = self.config.templates.get(backend)
+            if template is None:
+                raise BadRequest(
+                    f"unknown backend {backend!r} (this node has {', '.join(self.backends)})",
+                    code="unknown_backend",
+                )
+        dev = parse_device(device)
+        svc = Service(
+            service_id=sid,
+            model=model,
+            device=device,
+            backend=backend,
+            port=port,
+            url=f"http://{host}:{port}",
+            state="starting",
+            config=config,
+            started_at=time.time(),
+        )
+        rt = Runtime(svc, model_dir, template, dev.gpu_index, self.log_dir / f"{sid.replace(':', '_')}.log")
+        self.runtimes[sid] = rt
+        self._emit(rt)
+        try:
+            await self._launch(rt)
+            await self._wait_ready(rt)
+        except BaseException as exc:
+            await self._halt(rt)
+            self.runtimes.pop(sid, None)
+            rt.service.state = "failed"
+            rt.service.error = exc.message if isinstance(exc, GswarmError) else f"{type(exc).__name__}: {exc}"
+            rt.service.log_tail = await asyncio.to_thread(tail, rt.log_path)
+            self._emit(rt, removed=True)
+            if isinstance(exc, GswarmError):
+                exc.message += f"\n--- last lines of {rt.log_path.name} ---\n{rt.service.log_tail}"
+            raise
+        rt.task = asyncio.create_task(self._supervise(rt), name=f"supervise-{sid}")
+        return rt.service
+
+    async def _launch(self, rt: Runtime) -> None:
+        svc = rt.service
+        await asyncio.to_thread(rt.log_path.parent.mkdir, parents=True, exist_ok=True)
+        if rt.template is not None:
+            values = {
+                "model": svc.model,
+                "model_path": str(rt.model_dir),
+                "port": str(svc.port),
+                "gpu": "" if rt.gpu is None else str(rt.gpu),
+                "host": "0.0.0.0",
+            }
+            cmd = [part.format(**values) for part in rt.template.command]
+            env = {**os.environ, **{k: v.format(**values) for k, v in rt.template.env.items()}}
+            log_file = await asyncio.to_thread(open, rt.log_path, "ab")
+            try:
+                rt.proc = await asyncio.create_subprocess_exec(
+                    *cmd, stdout=log_file, stderr=log_file, env=env, start_new_session=True
+                )
+            except OSError as exc:
+                raise GswarmError(f"cannot start {cmd[0]}: {exc}", code="backend_failed") from None
+            finally:
+                log_file.close()
+            svc.pid = rt.proc.pid
+            return
+        if rt.gpu is not None:
+            pool = self.agent.gpu_pool
+            if svc.model not in pool.resident.get(rt.gpu, {}):
+                await load_model(self.agent, svc.model, rt.gpu, None, lambda d, t: None)
+            rt.worker = await pool.worker(rt.gpu)
+        else:
+            rt.worker = WorkerHandle("cpu", rt.log_path)
+            await rt.worker.start()
+            await rt.worker.call(
+                "load", model=svc.model, dir=str(rt.model_dir), files=safetensors_files(rt.model_dir)
+            )
+        await rt.worker.call(
+            "serve", service=svc.service_id, model=svc.model, dir=str(rt.model_dir), port=svc.port
+        )
+        svc.pid = rt.worker.pid
+
+    def _alive(self, rt: Runtime) -> bool:
+        if rt.proc is not None:
+            return rt.proc.returncode is None
+        return rt.worker is not None and rt.worker.alive
+
+    async def _healthy(self, rt: Runtime) -> bool:
+        path = rt.template.health if rt.template is not None else "/health"
+        url = f"http://127.0.0.1:{rt.service.port}{path}"
+        try:
+            async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(total=3)) as r:
+                return r.status < 500
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _wait_ready(self, rt: Runtime) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout
+        while time.monotonic() < deadline:
+            if not self._alive(rt):
+                code = rt.proc.returncode if rt.proc is not None else "?"
+                raise GswarmError(
+                    f"the {rt.service.backend} server exited ({code}) before it was ready",
+                    code="backend_failed",
+                )
+            if await self._healthy(rt):
+                rt.service.state = "ready"
+                rt.service.error = ""
+                self._emit(rt)
+                return
+            await asyncio.sleep(0.2)
+        raise GswarmError(f"not ready within {self.config.ready_timeout:g} s", code="backend_failed")
+
+    # ------------------------------------------------------------ supervision
+
+    async def _supervise(self, rt: Runtime) -> None:
+        backoff = 1.0
+        while not rt.stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.wake.wait(), self.config.health_interval)
+            rt.wake.clear()
+            if rt.stopping:
+                return
+            if self._alive(rt):
+                healthy = await self._healthy(rt)
+                state = "ready" if healthy else "unhealthy"
+                if state != rt.service.state:
+                    rt.service.state = state
+                    self._emit(rt)
+                continue
+            if rt.service.restarts >= self.config.max_restarts:
+                rt.service.state = "failed"
+                rt.service.error = f"exited {rt.service.restarts + 1} times; not restarted again"
+                rt.service.log_tail = await asyncio.to_thread(tail, rt.log_path)
+                self._emit(rt)
+                return
+            rt.service.restarts += 1
+            rt.service.state = "restarting"
+            self._emit(rt)
+            log.warning(
+                "service %s died; restart %d in %.0f s", rt.service.service_id, rt.service.restarts, backoff
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            try:
+                await self._halt(rt)
+                await self._launch(rt)
+                await self._wait_ready(rt)
+                backoff = 1.0
+            except GswarmError as exc:
+                rt.service.error = exc.message
+                rt.wake.set()
+
+    # ------------------------------------------------------------ stop
+
+    async def _halt(self, rt: Runtime) -> None:
+        if rt.proc is not None and rt.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(rt.proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(rt.proc.wait(), self.config.stop_grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(rt.proc.pid, signal.SIGKILL)
+                await rt.proc.wait()
+        rt.proc = None
+        if rt.worker is not None:
+            if rt.gpu is not None:
+                if rt.worker.alive:
+                    with contextlib.suppress(GswarmError):
+                        await rt.worker.call("unserve", service=rt.service.service_id)
+            else:
+                await rt.worker.stop()
+            rt.worker = None
+
+    async def stop(self, sid: str) -> Service:
+        """Stop a service (SIGTERM, then SIGKILL after the grace period) and free its GPU memory."""
+        rt = self.runtimes.pop(sid, None)
+        if rt is None:
+            raise NotFound(f"no service {sid} on this node", code="service_not_found")
+        rt.stopping = True
+        rt.wake.set()
+        if rt.task is not None:
+            rt.task.cancel()
+            await asyncio.gather(rt.task, return_exceptions=True)
+        await self._halt(rt)
+        if rt.gpu is not None and rt.template is None:
+            await self.agent.gpu_pool.unload(rt.gpu, rt.service.model)
+            self.agent.holdings_changed()
+        rt.service.state = "stopped"
+        self._emit(rt, removed=True)
+        return rt.service
+
+    async def close(self) -> None:
+        """Stop every service (the agent is shutting down)."""
+        for sid in list(self.runtimes):
+            with contextlib.suppress(GswarmError):
+                await self.stop(sid)
+
+
+# ---------------------------------------------------------------- model files
+
+
+def safetensors_files(model_dir: Path) -> list[str]:
+    """The safetensors files of a copy (from its manifest), or BadRequest naming what is there."""
+    from gswarm.agent.stores import read_manifest
+
+    manifest = read_manifest(model_dir)
+    names = [f.path for f in manifest.files] if manifest else []
+    found = sorted(n for n in names if n.endswith(".safetensors"))
+    if not found:
+        shown = ", ".join(names[:8]) or "nothing"
+        raise BadRequest(
+            f"{model_dir.name} has no .safetensors files to load (it has: {shown})", code="no_safetensors"
+        )
+    return found
+
+
+async def local_copy(agent: Agent, model: str, tier: str | None) -> tuple[str, Path]:
+    """The fastest local copy of a model (dram before disk), or Conflict naming the tiers."""
+    for name in [tier] if tier else ["dram", "disk"]:
+        store = agent.stores.get(name or "")
+        if store is not None and await asyncio.to_thread(store.manifest, model) is not None:
+            return store.name, store.model_dir(model)
+    raise Conflict(
+        f"{model} is not on this node's {tier or 'dram or disk'}: copy it here first", code="not_held"
+    )
+
+
+async def load_model(
+    agent: Agent, model: str, gpu: int, tier: str | None, progress: Callable[[int, int], None]
+) -> tuple[str, int]:
+    """Load a model's safetensors onto a GPU from the fastest local copy."""
+    source_tier, model_dir = await local_copy(agent, model, tier)
+    files = await asyncio.to_thread(safetensors_files, model_dir)
+    size = await asyncio.to_thread(lambda: sum((model_dir / f).stat().st_size for f in files))
+    resident = await agent.gpu_pool.load(gpu, model, model_dir, files, size, progress)
+    agent.holdings_changed()
+    return source_tier, resident
+
+
+# ---------------------------------------------------------------- op handlers
+
+
+class LoadArgs(msgspec.Struct):
+    """Args of a `load` op."""
+
+    model_name: str
+    gpu: int
+    source_tier: str | None = None
+    remove_source: bool = False
+
+
+@op_handler("load")
+async def load(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+    """Make a model resident in a GPU's memory, with byte progress."""
+    args = msgspec.convert(raw, LoadArgs)
+    ctx.progress(0, 0, f"loading onto gpu{args.gpu}")
+    source_tier, resident = await load_model(
+        ctx.agent, args.model_name, args.gpu, args.source_tier, ctx.progress
+    )
+    removed = False
+    if args.remove_source:
+        removed = await asyncio.to_thread(ctx.agent.stores[source_tier].remove, args.model_name)
+        ctx.agent.holdings_changed()
+    device = ctx.agent.gpu_pool.workers[args.gpu].device
+    return {
+        "model": args.model_name,
+        "tier": f"gpu{args.gpu}",
+        "size": resident,
+        "path": device,
+        "source_tier": source_tier,
+        "removed_source": removed,
+    }
+
+
+class ServeArgs(msgspec.Struct):
+    """Args of a `serve` op."""
+
+    model_name: str
+    device: str
+    port: int
+    backend: str = "builtin"
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    host: str = "127.0.0.1"
+
+
+@op_handler("serve")
+async def serve(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+    """Start a service; succeeds once its health endpoint answers."""
+    args = msgspec.convert(raw, ServeArgs)
+    dev = parse_device(args.device)
+    if dev.is_gpu:
+        _, model_dir = await local_copy(ctx.agent, args.model_name, None)
+    else:
+        _, model_dir = await local_copy(ctx.agent, args.model_name, dev.tier)
+    ctx.progress(0, 0, f"starting {args.backend} on port {args.port}")
+    svc = await ctx.agent.services.start(
+        args.model_name, str(dev), args.backend, args.port, args.config, model_dir, args.host
+    )
+    return {"service_id": svc.service_id, "url": svc.url, "state": svc.state, "pid": svc.pid}
+
+
+class ServiceArgs(msgspec.Struct):
+    """Args of ops on one service."""
+
+    service_id: str = ""
+    lines: int = 100
+
+
+@op_handler("stop")
+async def stop(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+    """Stop a service and free its GPU memory."""
+    args = msgspec.convert(raw, ServiceArgs)
+    svc = await ctx.agent.services.stop(args.service_id)
+    return {"service_id": svc.service_id, "state": svc.state}
+
+
+@op_handler("health_check")
+async def health_check(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+    """Check one service (its health endpoint), or the whole node."""
+    args = msgspec.convert(raw, ServiceArgs)
+    manager = ctx.agent.services
+    if args.service_id:
+        rt = manager.runtimes.get(args.service_id)
+        if rt is None:
+            raise NotFound(f"no service {args.service_id} on this node", code="service_not_found")
+        t0 = time.monotonic()
+        healthy = manager._alive(rt) and await manager._healthy(rt)
+        return {
+            "service_id": args.service_id,
+            "healthy": healthy,
+            "state": rt.service.state,
+            "latency_ms": round((time.monotonic() - t0) * 1000, 2),
+        }
+    checks = {}
+    for sid, rt in manager.runtimes.items():
+        checks[sid] = manager._alive(rt) and await manager._healthy(rt)
+    inventory = await ctx.agent.inventory()
+    return {
+        "healthy": all(checks.values()),
+        "services": checks,
+        "gpus": len(inventory.gpus),
+        "tiers": {t.name: t.free for t in inventory.tiers},
+    }
+
+
+@op_handler("logs")
+async def logs(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+    """The tail of a service's log."""
+    args = msgspec.convert(raw, ServiceArgs)
+    manager = ctx.agent.services
+    rt = manager.runtimes.get(args.service_id)
+    path = rt.log_path if rt is not None else manager.log_dir / f"{args.service_id.replace(':', '_')}.log"
+    if not await asyncio.to_thread(path.exists):
+        raise NotFound(f"no log for {args.service_id} on this node", code="service_not_found")
+    return {
+        "service_id": args.service_id,
+        "log": await asyncio.to_thread(tail, path, max(1, min(args.lines, 5000))),
+    }
