@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import socket
@@ -42,7 +43,7 @@ from gswarm.config import (
     load_tokens,
 )
 from gswarm.errors import GswarmError
-from gswarm.protocol import Event, ModelView, Node, Notice, Op, to_builtins
+from gswarm.protocol import Event, ModelView, Node, Notice, Op, Service, to_builtins
 
 T = TypeVar("T")
 
@@ -219,6 +220,21 @@ SimGpuOpt = Annotated[
 ]
 
 
+def _serving_config(path: Path | None) -> Any:
+    from gswarm.agent.serving import ServingConfig
+
+    if path is None:
+        return ServingConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise GswarmError(f"cannot read agent config {path}: {exc}") from None
+    try:
+        return msgspec.convert(raw.get("serving") or {}, ServingConfig)
+    except (msgspec.ValidationError, AttributeError) as exc:
+        raise GswarmError(f"agent config {path}: serving: {exc}") from None
+
+
 @app.command("client")
 def client_cmd(
     head_url: Annotated[str, typer.Argument(help="URL of the head, e.g. http://head:8100")],
@@ -240,6 +256,9 @@ def client_cmd(
     ] = None,
     dram_quota: Annotated[
         str | None, typer.Option(help="Most gswarm may store on the dram tier, e.g. 64G.")
+    ] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="Agent config (YAML): serving templates, restart limits.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -266,6 +285,7 @@ def client_cmd(
                 data_port=data_port,
                 data_host=data_host,
                 data_bandwidth=parse_size(data_bandwidth) if data_bandwidth else None,
+                serving_config=_serving_config(config_file),
             )
         except ValueError as exc:
             raise GswarmError(str(exc)) from None
@@ -698,6 +718,125 @@ def replicate(
         out.print(table)
         _print_op(op)
     if op.terminal and op.state != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def load(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    device: Annotated[str, typer.Argument(help="GPU device, e.g. node1:gpu0")],
+    source: Annotated[
+        str | None, typer.Option("--from", help="Copy to load from [default: dram, else disk]")
+    ] = None,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Stage a model's weights into a GPU's memory."""
+    _run_op(
+        head_url,
+        token,
+        lambda c: c.load(model, device, source_device=source),
+        detach,
+        json_out,
+        f"load {model} -> {device}",
+    )
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    device: Annotated[str, typer.Argument(help="Device, e.g. node1:gpu0 (or node1:dram on the CPU)")],
+    port: Annotated[int, typer.Argument(help="Port of the server on that node")],
+    backend: Annotated[
+        str | None, typer.Option(help="builtin, vllm, or a template of the agent's config")
+    ] = None,
+    config: Annotated[str | None, typer.Option(help="JSON object of backend settings")] = None,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Serve a model behind an OpenAI-compatible endpoint; returns once it answers."""
+    try:
+        settings = json.loads(config) if config else {}
+    except ValueError as exc:
+        _fail(f"--config is not JSON: {exc}")
+    what = f"serve {model} on {device}:{port}"
+    start = lambda c: c.serve(model, device, port, backend=backend, config=settings)  # noqa: E731
+    _run_op(head_url, token, start, detach, json_out, what)
+
+
+@app.command()
+def stop(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    device: Annotated[str, typer.Argument(help="Device it is served on")],
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Stop serving a model and free its GPU memory."""
+    _run_op(
+        head_url, token, lambda c: c.stop_service(model, device), False, json_out, f"stop {model} on {device}"
+    )
+
+
+@app.command()
+def services(head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt = False) -> None:
+    """List services with URL, backend and health."""
+    found: list[Service] = _with_client(head_url, token, lambda c: c.list_services())
+    if json_out:
+        _print_json(found)
+        return
+    if not found:
+        out.print("no services")
+        return
+    table = Table("model", "device", "backend", "url", "state", "restarts", "since", "error")
+    for svc in found:
+        table.add_row(
+            svc.model,
+            svc.device,
+            svc.backend,
+            svc.url,
+            svc.state,
+            str(svc.restarts),
+            _ago(svc.started_at),
+            svc.error,
+        )
+    out.print(table)
+
+
+@app.command()
+def logs(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    device: Annotated[str, typer.Argument(help="Device it is served on")],
+    lines: Annotated[int, typer.Option(help="How many lines")] = 100,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+) -> None:
+    """Print the tail of a service's log."""
+    text: str = _with_client(head_url, token, lambda c: c.logs(model, device, lines))
+    sys.stdout.write(text + ("\n" if text and not text.endswith("\n") else ""))
+
+
+@app.command()
+def health(
+    model: Annotated[str | None, typer.Argument(help="Model name (with DEVICE: one service)")] = None,
+    device: Annotated[str | None, typer.Argument(help="Device it is served on")] = None,
+    node: Annotated[str | None, typer.Option(help="Check a whole node instead.")] = None,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Health-check a service or a node."""
+    op: Op = _with_client(head_url, token, lambda c: c.health_check(model, device, node_id=node))
+    if json_out:
+        _print_json(op)
+    else:
+        healthy = (op.result or {}).get("healthy")
+        out.print(f"{'healthy' if healthy else 'UNHEALTHY'}: {op.result or op.error}", highlight=False)
+    if op.state != "succeeded" or not (op.result or {}).get("healthy"):
         raise typer.Exit(1)
 
 

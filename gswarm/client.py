@@ -28,6 +28,7 @@ from gswarm.protocol import (
     Node,
     Notice,
     Op,
+    Service,
     subscriber_message_decoder,
 )
 
@@ -62,6 +63,7 @@ def resolve_token(token: str | None) -> str:
 _ModelList = msgspec.json.Decoder(dict[str, list[ModelView]])
 _NodeList = msgspec.json.Decoder(dict[str, list[Node]])
 _OpList = msgspec.json.Decoder(dict[str, list[Op]])
+_ServiceList = msgspec.json.Decoder(dict[str, list[Service]])
 
 
 class _EventPage(msgspec.Struct):
@@ -280,6 +282,60 @@ class GswarmClient:
             "bandwidth_limit": bandwidth_limit,
         }
         return await self._op("POST", "/replicate", body, wait)
+
+    async def load(
+        self, model_name: str, device: str, *, source_device: str | None = None, wait: bool = False
+    ) -> Op:
+        """Stage a model into a GPU's memory (node:gpuN) from the node's fastest copy."""
+        body = {"model_name": model_name, "device": device, "source_device": source_device}
+        return await self._op("POST", "/load", body, wait)
+
+    async def serve(
+        self,
+        model_name: str,
+        device: str,
+        port: int,
+        *,
+        backend: str | None = None,
+        config: dict[str, Any] | None = None,
+        wait: bool = False,
+    ) -> Op:
+        """Start an inference server (OpenAI-compatible for builtin and vllm)."""
+        body = {
+            "model_name": model_name,
+            "device": device,
+            "port": port,
+            "backend": backend,
+            "config": config or {},
+        }
+        return await self._op("POST", "/serve", body, wait)
+
+    async def stop_service(self, model_name: str, device: str, *, wait: bool = False) -> Op:
+        """Stop a service and free its GPU memory."""
+        path = f"/stop/{quote(model_name, safe='')}/{quote(device, safe='')}"
+        return await self._op("POST", path, {}, wait)
+
+    async def list_services(self) -> list[Service]:
+        """Every service with URL, backend and health."""
+        return _ServiceList.decode(await self.request("GET", "/services"))["services"]
+
+    async def logs(self, model_name: str, device: str, lines: int = 100) -> str:
+        """The tail of a service's log."""
+        path = f"/logs/{quote(model_name, safe='')}/{quote(device, safe='')}"
+        raw = await self.request("GET", path, params={"lines": str(lines)})
+        return str(msgspec.json.decode(raw, type=dict[str, Any]).get("log", ""))
+
+    async def health_check(
+        self,
+        model_name: str | None = None,
+        device: str | None = None,
+        *,
+        node_id: str | None = None,
+        wait: bool = True,
+    ) -> Op:
+        """Check a service (model and device) or a node."""
+        body = {"model_name": model_name, "device": device, "node_id": node_id}
+        return await self._op("POST", "/health_check", body, wait)
 
     async def delete_location(
         self, model_name: str, device: str, *, force: bool = False, wait: bool = False

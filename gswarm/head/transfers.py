@@ -204,8 +204,14 @@ async def _copy_or_move(request: web.Request, move: bool) -> web.Response:
     body = await read_json(request, CopyBody)
     model = validate_model_name(body.model_name, "model_name")
     src = _storage_device(body.source_device, "source_device")
-    dst = _storage_device(body.target_device, "target_device")
     head.registry.get_model(model)
+    if parse_device(body.target_device, "target_device").is_gpu:
+        from gswarm.head.services import _gpu_device, start_load
+
+        gpu = _gpu_device(head, body.target_device, "target_device")
+        remove = move and not body.keep_source
+        return await start_load(request, head, model, gpu, str(src), remove, body.timeout)
+    dst = _storage_device(body.target_device, "target_device")
     if src == dst:
         raise BadRequest("source and target are the same device", details={"field": "target_device"})
     if body.verify not in ("size", "sha256"):

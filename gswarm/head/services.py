@@ -1,0 +1,296 @@
+"""REST routes and result hooks of the GPU tier and serving: load, serve, stop, services,
+logs, health checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gswarm.devices import Device, parse_device, validate_model_name
+from gswarm.errors import BadRequest, Conflict, InsufficientSpace, NotFound
+from gswarm.head.app import HEAD_KEY, Head
+from gswarm.head.routes import _query_int, json_response, op_response, read_json
+from gswarm.head.transfers import _open_writer, _require_node, _where, _writing
+from gswarm.protocol import Event, Failed, Op, Succeeded, service_id
+
+
+class LoadBody(msgspec.Struct):
+    """`POST /load`."""
+
+    model_name: str
+    device: str
+    source_device: str | None = None
+    keep_source: bool = True
+    timeout: float | None = None
+
+
+class ServeBody(msgspec.Struct):
+    """`POST /serve` (the original body, plus the backend)."""
+
+    model_name: str
+    device: str
+    port: int
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    backend: str | None = None
+    timeout: float | None = None
+
+
+class HealthBody(msgspec.Struct):
+    """`POST /health_check`: a service (model and device) or a whole node."""
+
+    model_name: str | None = None
+    device: str | None = None
+    node_id: str | None = None
+
+
+def _gpu_device(head: Head, address: str, field: str) -> Device:
+    dev = parse_device(address, field)
+    if not dev.is_gpu:
+        raise BadRequest(
+            f"{address} is not a GPU device (node:gpuN)", code="invalid_device", details={"field": field}
+        )
+    _require_node(head, dev)
+    gpus = head.registry.nodes[dev.node].inventory.gpus
+    if dev.gpu_index not in {g.index for g in gpus}:
+        have = ", ".join(f"gpu{g.index}" for g in gpus) or "no GPUs"
+        raise BadRequest(
+            f"node {dev.node} has no {dev.tier} (it has {have})",
+            code="invalid_device",
+            details={"field": field},
+        )
+    return dev
+
+
+def _local_source(head: Head, model: str, dev: Device, source: str | None) -> Device:
+    """The copy on the GPU's node to load from: the one named, else dram before disk."""
+    reg = head.registry
+    if source is not None:
+        src = parse_device(source, "source_device")
+        loc = reg.locations.get((model, str(src)))
+        if src.node != dev.node or src.is_gpu or loc is None or loc.state != "ready":
+            raise Conflict(f"{model} cannot be loaded from {src}: {_where(head, model)}", code="not_held")
+        return src
+    for tier in ("dram", "disk"):
+        loc = reg.locations.get((model, f"{dev.node}:{tier}"))
+        if loc is not None and loc.state == "ready":
+            return Device(dev.node, tier)
+    raise Conflict(
+        f"{model} is not on {dev.node}'s dram or disk: {_where(head, model)}; copy it there first",
+        code="not_held",
+    )
+
+
+async def start_load(
+    request: web.Request,
+    head: Head,
+    model: str,
+    dev: Device,
+    source: str | None,
+    remove_source: bool,
+    timeout: float | None,
+) -> web.Response:
+    """Create a `load` op (shared by `POST /load` and copy/move to a GPU)."""
+    src = _local_source(head, model, dev, source)
+    loc = head.registry.locations.get((model, str(dev)))
+    if loc is not None and loc.state == "ready":
+        op, events = head.registry.create_op("load", dev.node, {"model_name": model, "gpu": dev.gpu_index}, 0)
+        events.extend(
+            head.registry.op_finished(
+                op.op_id, "succeeded", result={"already_present": True, "size": loc.size}
+            )
+        )
+        head.commit(events)
+        return json_response(head.registry.get_op(op.op_id), status=200)
+    running = _open_writer(head, model, str(dev))
+    if running is not None:
+        return await op_response(request, running, status=200)
+    size = head.registry.locations[(model, str(src))].size
+    gpu = next(g for g in head.registry.nodes[dev.node].inventory.gpus if g.index == dev.gpu_index)
+    if size > gpu.memory_free:
+        raise InsufficientSpace(
+            f"{model} ({size} bytes) does not fit in {dev}: {gpu.memory_free} bytes free",
+            details={"needed": size, "free": gpu.memory_free},
+        )
+    args = {
+        "model_name": model,
+        "gpu": dev.gpu_index,
+        "source_tier": src.tier,
+        "remove_source": remove_source,
+    }
+    op = await head.dispatcher.submit(
+        "load", dev.node, args, timeout, _writing(head, model, str(dev), "loading")
+    )
+    return await op_response(request, op)
+
+
+async def load(request: web.Request) -> web.Response:
+    """`POST /load`: stage a model into a GPU's memory from the node's fastest copy."""
+    head = request.app[HEAD_KEY]
+    body = await read_json(request, LoadBody)
+    model = validate_model_name(body.model_name, "model_name")
+    head.registry.get_model(model)
+    dev = _gpu_device(head, body.device, "device")
+    return await start_load(request, head, model, dev, body.source_device, not body.keep_source, body.timeout)
+
+
+async def serve(request: web.Request) -> web.Response:
+    """`POST /serve`: start an inference server for a model on a device."""
+    head = request.app[HEAD_KEY]
+    body = await read_json(request, ServeBody)
+    model = validate_model_name(body.model_name, "model_name")
+    head.registry.get_model(model)
+    dev = parse_device(body.device, "device")
+    if dev.is_gpu:
+        dev = _gpu_device(head, body.device, "device")
+    else:
+        _require_node(head, dev)
+    if not 1 <= body.port <= 65535:
+        raise BadRequest(
+            f"port {body.port} is out of range (1-65535)", code="invalid_port", details={"field": "port"}
+        )
+    node = head.registry.nodes[dev.node]
+    backend = body.backend or str(body.config.get("backend") or "builtin")
+    if node.backends and backend not in node.backends:
+        raise BadRequest(
+            f"unknown backend {backend!r}: {dev.node} offers {', '.join(node.backends)}",
+            code="unknown_backend",
+        )
+    reg = head.registry
+    on_node = [
+        loc
+        for loc in reg.model_locations(model)
+        if loc.device.partition(":")[0] == dev.node and loc.state == "ready"
+    ]
+    if dev.is_gpu:
+        usable = any(
+            loc.device == str(dev) or loc.device.split(":")[1] in ("disk", "dram") for loc in on_node
+        )
+    else:
+        usable = any(loc.device == str(dev) for loc in on_node)
+    if not usable:
+        raise Conflict(
+            f"{model} is not on {dev if not dev.is_gpu else dev.node}: {_where(head, model)}", code="not_held"
+        )
+    sid = service_id(model, str(dev))
+    existing = reg.services.get(sid)
+    if existing is not None and existing.state not in ("failed", "stopped"):
+        raise Conflict(f"{model} is already served on {dev} at {existing.url}", code="already_serving")
+    host = (
+        node.data_url.split("://")[-1].rsplit(":", 1)[0]
+        if node.data_url
+        else (node.addresses or ["127.0.0.1"])[0]
+    )
+    args = {
+        "model_name": model,
+        "device": str(dev),
+        "port": body.port,
+        "backend": backend,
+        "config": body.config,
+        "host": host,
+    }
+    op = await head.dispatcher.submit("serve", dev.node, args, body.timeout)
+    return await op_response(request, op)
+
+
+async def stop(request: web.Request) -> web.Response:
+    """`POST /stop/{model_name}/{device}`: stop a service and free its GPU memory."""
+    head = request.app[HEAD_KEY]
+    model = validate_model_name(request.match_info["model_name"], "model_name")
+    dev = parse_device(request.match_info["device"], "device")
+    sid = service_id(model, str(dev))
+    if sid not in head.registry.services:
+        raise NotFound(f"{model} is not served on {dev}", code="service_not_found")
+    _require_node(head, dev)
+    op = await head.dispatcher.submit("stop", dev.node, {"service_id": sid}, 120)
+    return await op_response(request, op)
+
+
+async def list_services(request: web.Request) -> web.Response:
+    """`GET /services`: every service with URL, backend and health."""
+    reg = request.app[HEAD_KEY].registry
+    return json_response({"services": [reg.services[k] for k in sorted(reg.services)]})
+
+
+async def logs(request: web.Request) -> web.Response:
+    """`GET /logs/{model_name}/{device}?lines=N`: the tail of a service's log."""
+    head = request.app[HEAD_KEY]
+    model = validate_model_name(request.match_info["model_name"], "model_name")
+    dev = parse_device(request.match_info["device"], "device")
+    _require_node(head, dev)
+    sid = service_id(model, str(dev))
+    op = await head.dispatcher.submit(
+        "logs", dev.node, {"service_id": sid, "lines": _query_int(request, "lines", 100)}, 30
+    )
+    op = await head.dispatcher.wait(op.op_id, 30)
+    if op.state != "succeeded":
+        raise NotFound(op.error.message if op.error else f"no log for {sid}", code="service_not_found")
+    return json_response(op.result or {})
+
+
+async def health_check(request: web.Request) -> web.Response:
+    """`POST /health_check`: an op that checks a service, or a node."""
+    head = request.app[HEAD_KEY]
+    body = await read_json(request, HealthBody)
+    if body.model_name and body.device:
+        dev = parse_device(body.device, "device")
+        sid = service_id(validate_model_name(body.model_name, "model_name"), str(dev))
+        if sid not in head.registry.services:
+            raise NotFound(f"{body.model_name} is not served on {dev}", code="service_not_found")
+        node, args = dev.node, {"service_id": sid}
+    elif body.node_id or body.device:
+        node = body.node_id or parse_device(str(body.device), "device").node
+        args = {}
+    else:
+        raise BadRequest("give model_name and device (a service), or node_id", code="invalid_field")
+    _require_node(head, Device(node, "disk"))
+    op = await head.dispatcher.submit("health_check", node, args, 60)
+    return await op_response(request, op)
+
+
+def _on_load_result(head: Head) -> Any:
+    def hook(op: Op, msg: Succeeded | Failed) -> list[Event]:
+        reg = head.registry
+        model = str(op.args.get("model_name"))
+        device = f"{op.node_id}:gpu{op.args.get('gpu')}"
+        events: list[Event] = []
+        if isinstance(msg, Succeeded):
+            r = msg.result
+            events.extend(
+                reg.set_location(
+                    model, device, "ready", size=int(r.get("size", 0)), path=str(r.get("path", ""))
+                )
+            )
+            if r.get("removed_source"):
+                events.extend(reg.remove_location(model, f"{op.node_id}:{r.get('source_tier')}"))
+        else:
+            loc = reg.locations.get((model, device))
+            if loc is not None and loc.op_id == op.op_id and loc.state != "ready":
+                events.extend(reg.remove_location(model, device))
+        return events
+
+    return hook
+
+
+def _on_stop_result(head: Head) -> Any:
+    def hook(op: Op, msg: Succeeded | Failed) -> list[Event]:
+        if isinstance(msg, Succeeded) or (msg.error.code == "service_not_found"):
+            return head.registry.remove_service(str(op.args.get("service_id")))
+        return []
+
+    return hook
+
+
+def setup(app: web.Application) -> None:
+    """Attach the GPU and serving routes."""
+    head = app[HEAD_KEY]
+    r = app.router
+    r.add_post("/load", load)
+    r.add_post("/serve", serve)
+    r.add_post("/stop/{model_name}/{device}", stop)
+    r.add_get("/services", list_services)
+    r.add_get("/logs/{model_name}/{device}", logs)
+    r.add_post("/health_check", health_check)
+    head.dispatcher.on_result("load", _on_load_result(head))
+    head.dispatcher.on_result("stop", _on_stop_result(head))
