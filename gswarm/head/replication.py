@@ -20,7 +20,7 @@ from aiohttp import web
 from gswarm.devices import parse_device, validate_model_name
 from gswarm.errors import BadRequest, Conflict, GswarmError
 from gswarm.head.app import HEAD_KEY, Head
-from gswarm.head.routes import op_response, read_json
+from gswarm.head.routes import Submitted, read_json, submitted_response
 from gswarm.head.transfers import _open_writer, _require_node, _writing, peer_sources
 from gswarm.protocol import Event, Op, OpError, OpProgress
 
@@ -42,8 +42,12 @@ class ReplicateBody(msgspec.Struct):
 
 async def replicate(request: web.Request) -> web.Response:
     """`POST /replicate`: copy a model to many devices, each finished node feeding the next."""
-    head = request.app[HEAD_KEY]
     body = await read_json(request, ReplicateBody)
+    return await submitted_response(request, await submit_replicate(request.app[HEAD_KEY], body))
+
+
+async def submit_replicate(head: Head, body: ReplicateBody) -> Submitted:
+    """Validate a replication, create its op and start its coordinator."""
     model = validate_model_name(body.model_name, "model_name")
     head.registry.get_model(model)
     if not 1 <= body.max_fanout <= 64:
@@ -86,7 +90,7 @@ async def replicate(request: web.Request) -> web.Response:
     events.extend(head.registry.op_accepted(op.op_id))
     head.commit(events)
     head.spawn(Replication(head, op).run(), name=f"replicate-{op.op_id}")
-    return await op_response(request, op)
+    return Submitted(op)
 
 
 class Replication:

@@ -8,7 +8,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from aiohttp import WSMsgType, web
@@ -120,6 +120,18 @@ def _query_int(request: web.Request, name: str, default: int) -> int:
 
 def _head(request: web.Request) -> Head:
     return request.app[HEAD_KEY]
+
+
+class Submitted(NamedTuple):
+    """An op a request created (202), or an existing one it joined or that ended at once (200)."""
+
+    op: Op
+    status: int = 202
+
+
+async def submitted_response(request: web.Request, sub: Submitted) -> web.Response:
+    """The REST answer for a submitted op (see `op_response`)."""
+    return await op_response(request, sub.op, sub.status)
 
 
 async def op_response(request: web.Request, op: Op, status: int = 202) -> web.Response:

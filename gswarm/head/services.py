@@ -11,7 +11,7 @@ from aiohttp import web
 from gswarm.devices import Device, parse_device, validate_model_name
 from gswarm.errors import BadRequest, Conflict, InsufficientSpace, NotFound
 from gswarm.head.app import HEAD_KEY, Head
-from gswarm.head.routes import _query_int, json_response, op_response, read_json
+from gswarm.head.routes import Submitted, _query_int, json_response, read_json, submitted_response
 from gswarm.head.transfers import _open_writer, _require_node, _where, _writing
 from gswarm.protocol import Event, Failed, Op, Succeeded, service_id
 
@@ -83,14 +83,13 @@ def _local_source(head: Head, model: str, dev: Device, source: str | None) -> De
 
 
 async def start_load(
-    request: web.Request,
     head: Head,
     model: str,
     dev: Device,
     source: str | None,
     remove_source: bool,
     timeout: float | None,
-) -> web.Response:
+) -> Submitted:
     """Create a `load` op (shared by `POST /load` and copy/move to a GPU)."""
     src = _local_source(head, model, dev, source)
     loc = head.registry.locations.get((model, str(dev)))
@@ -102,10 +101,10 @@ async def start_load(
             )
         )
         head.commit(events)
-        return json_response(head.registry.get_op(op.op_id), status=200)
+        return Submitted(head.registry.get_op(op.op_id), 200)
     running = _open_writer(head, model, str(dev))
     if running is not None:
-        return await op_response(request, running, status=200)
+        return Submitted(running, 200)
     size = head.registry.locations[(model, str(src))].size
     gpu = next(g for g in head.registry.nodes[dev.node].inventory.gpus if g.index == dev.gpu_index)
     if size > gpu.memory_free:
@@ -122,23 +121,31 @@ async def start_load(
     op = await head.dispatcher.submit(
         "load", dev.node, args, timeout, _writing(head, model, str(dev), "loading")
     )
-    return await op_response(request, op)
+    return Submitted(op)
 
 
 async def load(request: web.Request) -> web.Response:
     """`POST /load`: stage a model into a GPU's memory from the node's fastest copy."""
-    head = request.app[HEAD_KEY]
     body = await read_json(request, LoadBody)
+    return await submitted_response(request, await submit_load(request.app[HEAD_KEY], body))
+
+
+async def submit_load(head: Head, body: LoadBody) -> Submitted:
+    """Validate a load and create its op."""
     model = validate_model_name(body.model_name, "model_name")
     head.registry.get_model(model)
     dev = _gpu_device(head, body.device, "device")
-    return await start_load(request, head, model, dev, body.source_device, not body.keep_source, body.timeout)
+    return await start_load(head, model, dev, body.source_device, not body.keep_source, body.timeout)
 
 
 async def serve(request: web.Request) -> web.Response:
     """`POST /serve`: start an inference server for a model on a device."""
-    head = request.app[HEAD_KEY]
     body = await read_json(request, ServeBody)
+    return await submitted_response(request, await submit_serve(request.app[HEAD_KEY], body))
+
+
+async def submit_serve(head: Head, body: ServeBody) -> Submitted:
+    """Validate a serve request and create its op."""
     model = validate_model_name(body.model_name, "model_name")
     head.registry.get_model(model)
     dev = parse_device(body.device, "device")
@@ -191,20 +198,26 @@ async def serve(request: web.Request) -> web.Response:
         "host": host,
     }
     op = await head.dispatcher.submit("serve", dev.node, args, body.timeout)
-    return await op_response(request, op)
+    return Submitted(op)
 
 
 async def stop(request: web.Request) -> web.Response:
     """`POST /stop/{model_name}/{device}`: stop a service and free its GPU memory."""
     head = request.app[HEAD_KEY]
-    model = validate_model_name(request.match_info["model_name"], "model_name")
-    dev = parse_device(request.match_info["device"], "device")
+    sub = await submit_stop(head, request.match_info["model_name"], request.match_info["device"])
+    return await submitted_response(request, sub)
+
+
+async def submit_stop(head: Head, model_name: str, device: str) -> Submitted:
+    """Validate a stop and create its op."""
+    model = validate_model_name(model_name, "model_name")
+    dev = parse_device(device, "device")
     sid = service_id(model, str(dev))
     if sid not in head.registry.services:
         raise NotFound(f"{model} is not served on {dev}", code="service_not_found")
     _require_node(head, dev)
     op = await head.dispatcher.submit("stop", dev.node, {"service_id": sid}, 120)
-    return await op_response(request, op)
+    return Submitted(op)
 
 
 async def list_services(request: web.Request) -> web.Response:
@@ -231,8 +244,12 @@ async def logs(request: web.Request) -> web.Response:
 
 async def health_check(request: web.Request) -> web.Response:
     """`POST /health_check`: an op that checks a service, or a node."""
-    head = request.app[HEAD_KEY]
     body = await read_json(request, HealthBody)
+    return await submitted_response(request, await submit_health_check(request.app[HEAD_KEY], body))
+
+
+async def submit_health_check(head: Head, body: HealthBody) -> Submitted:
+    """Validate a health check and create its op."""
     if body.model_name and body.device:
         dev = parse_device(body.device, "device")
         sid = service_id(validate_model_name(body.model_name, "model_name"), str(dev))
@@ -246,7 +263,7 @@ async def health_check(request: web.Request) -> web.Response:
         raise BadRequest("give model_name and device (a service), or node_id", code="invalid_field")
     _require_node(head, Device(node, "disk"))
     op = await head.dispatcher.submit("health_check", node, args, 60)
-    return await op_response(request, op)
+    return Submitted(op)
 
 
 def _on_load_result(head: Head) -> Any:

@@ -18,7 +18,15 @@ from gswarm import grants
 from gswarm.devices import Device, parse_device, validate_model_name
 from gswarm.errors import BadRequest, Conflict, GswarmError, InsufficientSpace, NotFound
 from gswarm.head.app import HEAD_KEY, Head
-from gswarm.head.routes import _query_flag, json_response, model_view, op_response, read_json
+from gswarm.head.routes import (
+    Submitted,
+    _query_flag,
+    json_response,
+    model_view,
+    op_response,
+    read_json,
+    submitted_response,
+)
 from gswarm.protocol import Event, Failed, Location, Op, Succeeded
 from gswarm.sources import parse_source
 
@@ -164,8 +172,12 @@ def _writing(head: Head, model: str, device: str, state: str) -> Any:
 
 async def download(request: web.Request) -> web.Response:
     """`POST /download`: fetch a model onto a node's disk or dram."""
-    head = request.app[HEAD_KEY]
     body = await read_json(request, DownloadBody)
+    return await submitted_response(request, await submit_download(request.app[HEAD_KEY], body))
+
+
+async def submit_download(head: Head, body: DownloadBody) -> Submitted:
+    """Validate a download and create its op (or join the running one)."""
     model = validate_model_name(body.model_name, "model_name")
     dev = _storage_device(body.target_device, "target_device")
     source = parse_source(body.source_url)
@@ -183,10 +195,10 @@ async def download(request: web.Request) -> web.Response:
     if body.prefer_peer and not body.allow_patterns and not body.ignore_patterns:
         args["peers"] = [p for p in peer_sources(head, model, dev.node) if p["node_id"] != dev.node]
     if loc is not None and loc.state == "ready":
-        return json_response(_already_there(head, "download", dev.node, args, loc), status=200)
+        return Submitted(_already_there(head, "download", dev.node, args, loc), 200)
     running = _open_writer(head, model, device)
     if running is not None:
-        return await op_response(request, running, status=200)
+        return Submitted(running, 200)
     _check_room(head, dev, _known_size(head, model))
     if model not in head.registry.models:
         _, events = head.registry.register_model(
@@ -196,12 +208,11 @@ async def download(request: web.Request) -> web.Response:
     op = await head.dispatcher.submit(
         "download", dev.node, args, body.timeout, on_created=_writing(head, model, device, "downloading")
     )
-    return await op_response(request, op)
+    return Submitted(op)
 
 
-async def _copy_or_move(request: web.Request, move: bool) -> web.Response:
-    head = request.app[HEAD_KEY]
-    body = await read_json(request, CopyBody)
+async def submit_copy(head: Head, body: CopyBody, move: bool) -> Submitted:
+    """Validate a copy or move (between tiers, between nodes, or onto a GPU) and create its op."""
     model = validate_model_name(body.model_name, "model_name")
     src = _storage_device(body.source_device, "source_device")
     head.registry.get_model(model)
@@ -210,7 +221,7 @@ async def _copy_or_move(request: web.Request, move: bool) -> web.Response:
 
         gpu = _gpu_device(head, body.target_device, "target_device")
         remove = move and not body.keep_source
-        return await start_load(request, head, model, gpu, str(src), remove, body.timeout)
+        return await start_load(head, model, gpu, str(src), remove, body.timeout)
     dst = _storage_device(body.target_device, "target_device")
     if src == dst:
         raise BadRequest("source and target are the same device", details={"field": "target_device"})
@@ -228,7 +239,7 @@ async def _copy_or_move(request: web.Request, move: bool) -> web.Response:
     _require_node(head, dst)
     remove_source = move and not body.keep_source
     if src.node != dst.node:
-        return await _between_nodes(request, head, model, src, dst, remove_source, body)
+        return await _between_nodes(head, model, src, dst, remove_source, body)
     args = {
         "model_name": model,
         "source_tier": src.tier,
@@ -239,27 +250,26 @@ async def _copy_or_move(request: web.Request, move: bool) -> web.Response:
     kind_name = "move" if move else "copy"
     dst_loc = head.registry.locations.get((model, str(dst)))
     if dst_loc is not None and dst_loc.state == "ready" and not remove_source:
-        return json_response(_already_there(head, kind_name, dst.node, args, dst_loc), status=200)
+        return Submitted(_already_there(head, kind_name, dst.node, args, dst_loc), 200)
     running = _open_writer(head, model, str(dst))
     if running is not None:
-        return await op_response(request, running, status=200)
+        return Submitted(running, 200)
     if dst_loc is None or dst_loc.state != "ready":
         _check_room(head, dst, src_loc.size)
     op = await head.dispatcher.submit(
         "copy", dst.node, args, body.timeout, on_created=_writing(head, model, str(dst), "copying")
     )
-    return await op_response(request, op)
+    return Submitted(op)
 
 
 async def _between_nodes(
-    request: web.Request,
     head: Head,
     model: str,
     src: Device,
     dst: Device,
     remove_source: bool,
     body: CopyBody,
-) -> web.Response:
+) -> Submitted:
     """The target node pulls from the source node's data server (other holders as fallbacks)."""
     _require_node(head, src)
     peers = peer_sources(head, model, dst.node, first=str(src))
@@ -275,28 +285,30 @@ async def _between_nodes(
     }
     dst_loc = head.registry.locations.get((model, str(dst)))
     if dst_loc is not None and dst_loc.state == "ready" and not remove_source:
-        return json_response(_already_there(head, "fetch", dst.node, args, dst_loc), status=200)
+        return Submitted(_already_there(head, "fetch", dst.node, args, dst_loc), 200)
     running = _open_writer(head, model, str(dst))
     if running is not None:
-        return await op_response(request, running, status=200)
+        return Submitted(running, 200)
     src_loc = head.registry.locations[(model, str(src))]
     if dst_loc is None or dst_loc.state != "ready":
         _check_room(head, dst, src_loc.size)
     op = await head.dispatcher.submit(
         "fetch", dst.node, args, body.timeout, on_created=_writing(head, model, str(dst), "copying")
     )
-    return await op_response(request, op)
+    return Submitted(op)
 
 
 async def copy(request: web.Request) -> web.Response:
     """`POST /copy`: copy a model between tiers of a node or between nodes."""
-    return await _copy_or_move(request, move=False)
+    body = await read_json(request, CopyBody)
+    return await submitted_response(request, await submit_copy(request.app[HEAD_KEY], body, move=False))
 
 
 async def move(request: web.Request) -> web.Response:
     """`POST /move`: move a model between tiers; the source goes only after the target is
     verified (`keep_source` keeps it)."""
-    return await _copy_or_move(request, move=True)
+    body = await read_json(request, CopyBody)
+    return await submitted_response(request, await submit_copy(request.app[HEAD_KEY], body, move=True))
 
 
 async def delete_location(request: web.Request) -> web.Response:
@@ -305,11 +317,11 @@ async def delete_location(request: web.Request) -> web.Response:
     model = validate_model_name(request.match_info["model_name"], "model_name")
     dev = parse_device(request.match_info["device"], "device")
     head.registry.get_model(model)
-    op = await _delete_copy(head, model, dev, force=_query_flag(request, "force"))
+    op = await delete_copy(head, model, dev, force=_query_flag(request, "force"))
     return await op_response(request, op)
 
 
-async def _delete_copy(head: Head, model: str, dev: Device, force: bool) -> Op:
+async def delete_copy(head: Head, model: str, dev: Device, force: bool) -> Op:
     device = str(dev)
     loc = head.registry.locations.get((model, device))
     if loc is None:
@@ -363,7 +375,7 @@ async def delete_model(request: web.Request) -> web.Response:
         )
     view = model_view(head, model)
     ops = [
-        await _delete_copy(head, model, parse_device(loc.device), force=True)
+        await delete_copy(head, model, parse_device(loc.device), force=True)
         for loc in locs
         if loc.device not in offline
     ]
@@ -417,7 +429,7 @@ def _on_write_result(head: Head) -> Any:
 
 async def _remove_after_move(head: Head, model: str, source: Device) -> None:
     try:
-        await _delete_copy(head, model, source, force=False)
+        await delete_copy(head, model, source, force=False)
     except GswarmError as exc:
         head.log_warning(f"move of {model}: the source copy on {source} stays: {exc.message}")
 
