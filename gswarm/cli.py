@@ -43,7 +43,7 @@ from gswarm.config import (
     load_tokens,
 )
 from gswarm.errors import GswarmError
-from gswarm.protocol import Event, ModelView, Node, Notice, Op, Service, to_builtins
+from gswarm.protocol import Event, Job, JobAction, ModelView, Node, Notice, Op, Service, to_builtins
 
 T = TypeVar("T")
 
@@ -958,6 +958,191 @@ def events(
 
     with contextlib.suppress(KeyboardInterrupt):
         run(main())
+
+
+def _job_table(job: Job, progress: dict[str, Any]) -> Table:
+    table = Table(
+        "action",
+        "kind",
+        "model",
+        "state",
+        "progress",
+        "rate",
+        "elapsed",
+        "error",
+        title=f"job {job.job_id}: {job.name} ({job.state})",
+    )
+    colors = {
+        "succeeded": "green",
+        "failed": "red",
+        "skipped": "yellow",
+        "cancelled": "yellow",
+        "running": "cyan",
+    }
+    now = time.time()
+    for a in job.actions:
+        p = progress.get(a.op_ids[-1]) if a.op_ids else None
+        bar = rate = ""
+        if p is not None and p.total:
+            frac = min(1.0, p.done / p.total)
+            bar = (
+                "█" * int(frac * 20)
+                + "░" * (20 - int(frac * 20))
+                + f" {frac:4.0%} {_size(p.done)}/{_size(p.total)}"
+            )
+            rate = f"{_size(p.rate)}/s" if p.rate else ""
+        elif p is not None and p.message:
+            bar = p.message
+        elapsed = ""
+        if a.started_at:
+            elapsed = f"{(a.finished_at or now) - a.started_at:.1f}s"
+        state = f"[{colors.get(a.state, 'white')}]{a.state}[/]"
+        table.add_row(a.id, a.action, str(a.spec.get("model", "")), state, bar, rate, elapsed, a.error[:60])
+    return table
+
+
+async def follow_job(c: Any, job: Job, json_out: bool) -> Job:
+    """Show a job's DAG live (a row per action) until it ends."""
+    from rich.live import Live
+
+    job = await c.get_job(job.job_id)
+    by_id = {a.id: a for a in job.actions}
+    progress: dict[str, Any] = {}
+    with Live(_job_table(job, progress), console=err, refresh_per_second=4, transient=False) as live:
+        if job.terminal:
+            return job
+        async for msg in c.events(since=None, topics=["job", "op"]):
+            if isinstance(msg, Notice):
+                if msg.code == "live":
+                    job = await c.get_job(job.job_id)
+                    by_id = {a.id: a for a in job.actions}
+                elif msg.code == "dropped":
+                    raise GswarmError(f"event stream dropped: {msg.message}")
+            elif msg.kind == "job.action" and msg.data.get("job_id") == job.job_id:
+                action = msgspec.convert(msg.data, JobAction)
+                by_id[action.id] = action
+                job.actions = [by_id[a.id] for a in job.actions]
+            elif msg.kind == "job.updated" and msg.key == job.job_id:
+                job.state = str(msg.data.get("state"))
+                job.error = str(msg.data.get("error") or "")
+            elif msg.topic == "op":
+                op = msgspec.convert(msg.data, Op)
+                progress[op.op_id] = op.progress
+            if not json_out:
+                live.update(_job_table(job, progress))
+            if job.terminal:
+                break
+    final: Job = await c.get_job(job.job_id)
+    return final
+
+
+@app.command()
+def job(
+    file: Annotated[Path, typer.Argument(help="Job file (YAML or JSON)")],
+    check: Annotated[bool, typer.Option("--check", help="Validate only; print every problem.")] = False,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a job file: a DAG of actions, shown live; exits with the job's outcome."""
+    from gswarm.workflow import parse
+
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        _fail(f"cannot read {file}: {exc.strerror or exc}")
+    if check:
+        try:
+            spec = parse(text, str(file))
+        except GswarmError as exc:
+            for problem in exc.details.get("errors", []):
+                err.print(f"{problem['action']}: {problem['field']}: {problem['message']}", highlight=False)
+            _fail(exc.message)
+            return
+        out.print(f"{file}: ok, {len(spec.actions)} actions", highlight=False)
+        for a in spec.actions:
+            deps = f" after {', '.join(a.depends_on)}" if a.depends_on else ""
+            out.print(f"  {a.id}: {a.action} {a.model}{deps}", highlight=False)
+        return
+
+    async def main() -> Job:
+        async with _client(head_url, token) as c:
+            try:
+                submitted: Job = await c.submit_job(text)
+            except GswarmError as exc:
+                for problem in exc.details.get("errors", [])[1:]:
+                    err.print(
+                        f"{problem['action']}: {problem['field']}: {problem['message']}", highlight=False
+                    )
+                raise
+            if detach:
+                return submitted
+            return await follow_job(c, submitted, json_out)
+
+    final = run(main())
+    if json_out:
+        _print_json(final)
+    elif detach:
+        out.print(final.job_id, highlight=False)
+    else:
+        out.print(
+            f"job {final.job_id} {final.state}" + (f": {final.error}" if final.error else ""), highlight=False
+        )
+    if not detach and final.state != "succeeded":
+        raise typer.Exit(1)
+
+
+jobs_app = typer.Typer(help="List, show and cancel jobs.", no_args_is_help=False, invoke_without_command=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.callback()
+def jobs_list(
+    ctx: typer.Context, head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt = False
+) -> None:
+    """List jobs (newest first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    found: list[Job] = _with_client(head_url, token, lambda c: c.list_jobs())
+    if json_out:
+        _print_json(found)
+        return
+    table = Table("job", "name", "state", "actions", "created", "error")
+    for j in found:
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(j.counts.items()))
+        table.add_row(j.job_id, j.name, j.state, counts, _ago(j.created_at), j.error[:60])
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: Annotated[str, typer.Argument(help="Job id")],
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show one job: each action's state, ops, timings and error."""
+    found: Job = _with_client(head_url, token, lambda c: c.get_job(job_id))
+    if json_out:
+        _print_json(found)
+    else:
+        out.print(_job_table(found, {}))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: Annotated[str, typer.Argument(help="Job id")],
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cancel a job: running ops are cancelled, the rest skipped."""
+    found: Job = _with_client(head_url, token, lambda c: c.cancel_job(job_id))
+    if json_out:
+        _print_json(found)
+    else:
+        out.print(f"job {job_id} cancelling", highlight=False)
 
 
 @app.command()

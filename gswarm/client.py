@@ -24,6 +24,7 @@ from gswarm.config import DEFAULT_HEAD_URL, load_tokens
 from gswarm.errors import GswarmError, from_payload
 from gswarm.protocol import (
     Event,
+    Job,
     ModelView,
     Node,
     Notice,
@@ -64,6 +65,7 @@ _ModelList = msgspec.json.Decoder(dict[str, list[ModelView]])
 _NodeList = msgspec.json.Decoder(dict[str, list[Node]])
 _OpList = msgspec.json.Decoder(dict[str, list[Op]])
 _ServiceList = msgspec.json.Decoder(dict[str, list[Service]])
+_JobList = msgspec.json.Decoder(dict[str, list[Job]])
 
 
 class _EventPage(msgspec.Struct):
@@ -108,9 +110,14 @@ class GswarmClient:
         params: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> bytes:
-        """One REST call; the raw JSON body on success, the head's error raised otherwise."""
-        data = msgspec.json.encode(body) if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        """One REST call; the raw JSON body on success, the head's error raised otherwise.
+        A `str` body goes as it is (a YAML job file), anything else as JSON."""
+        headers: dict[str, str] = {}
+        data: bytes | None = None
+        if isinstance(body, str):
+            data, headers = body.encode(), {"Content-Type": "application/yaml"}
+        elif body is not None:
+            data, headers = msgspec.json.encode(body), {"Content-Type": "application/json"}
         try:
             async with self._http().request(
                 method,
@@ -343,6 +350,26 @@ class GswarmClient:
         """Remove one copy of a model."""
         path = f"/models/{quote(model_name, safe='')}/locations/{quote(device, safe='')}"
         return await self._op("DELETE", path, None, wait, force="true" if force else "")
+
+    # ------------------------------------------------------------ jobs
+
+    async def submit_job(self, job: dict[str, Any] | str) -> Job:
+        """Submit a job (a parsed mapping, or the text of a YAML/JSON job file)."""
+        return msgspec.json.decode(await self.request("POST", "/jobs", job), type=Job)
+
+    async def list_jobs(self) -> list[Job]:
+        """Every job, newest first (without actions)."""
+        return _JobList.decode(await self.request("GET", "/jobs"))["jobs"]
+
+    async def get_job(self, job_id: str) -> Job:
+        """One job with each action's state, ops, timings and error."""
+        return await self._get(f"/jobs/{quote(job_id, safe='')}", Job)
+
+    async def cancel_job(self, job_id: str) -> Job:
+        """Cancel a job's running ops and skip the rest."""
+        return msgspec.json.decode(
+            await self.request("POST", f"/jobs/{quote(job_id, safe='')}/cancel", {}), type=Job
+        )
 
     # ------------------------------------------------------------ ops
 

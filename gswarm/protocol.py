@@ -183,6 +183,50 @@ class Op(msgspec.Struct):
         return self.state in OP_STATES_TERMINAL
 
 
+class JobAction(msgspec.Struct):
+    """One action of a job and how it is going."""
+
+    job_id: str
+    id: str
+    index: int
+    action: str
+    spec: dict[str, Any] = msgspec.field(default_factory=dict)
+    depends_on: list[str] = msgspec.field(default_factory=list)
+    retries: int = 0
+    timeout: float | None = None
+    continue_on_error: bool = False
+    state: str = "pending"
+    op_ids: list[str] = msgspec.field(default_factory=list)
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str = ""
+
+
+JOB_STATES_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTION_STATES_TERMINAL = frozenset({"succeeded", "failed", "skipped", "cancelled"})
+
+
+class Job(msgspec.Struct):
+    """A workflow: a DAG of actions, each run as one or more ops."""
+
+    job_id: str
+    name: str
+    description: str = ""
+    state: str = "pending"
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str = ""
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
+    actions: list[JobAction] = msgspec.field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job has ended."""
+        return self.state in JOB_STATES_TERMINAL
+
+
 # ---------------------------------------------------------------- agent -> head
 
 

@@ -13,12 +13,16 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
+
 from gswarm.devices import validate_model_name
 from gswarm.errors import Conflict, NotFound
 from gswarm.protocol import (
     Event,
     Holding,
     Inventory,
+    Job,
+    JobAction,
     Location,
     Model,
     Node,
@@ -67,6 +71,7 @@ class Registry:
         self.locations: dict[tuple[str, str], Location] = {}
         self.ops: dict[str, Op] = {}
         self.services: dict[str, Service] = {}
+        self.jobs: dict[str, Job] = {}
         self.last_seq = 0
 
     # ------------------------------------------------------------ loading
@@ -79,9 +84,11 @@ class Registry:
         ops: Iterable[Op],
         last_seq: int,
         services: Iterable[Service] = (),
+        jobs: Iterable[Job] = (),
     ) -> None:
         """Restore state read back from storage (no events)."""
         self.services = {s.service_id: s for s in services}
+        self.jobs = {j.job_id: j for j in jobs}
         self.models = {m.name: m for m in models}
         self.nodes = {n.node_id: n for n in nodes}
         self.locations = {(loc.model, loc.device): loc for loc in locations}
@@ -373,3 +380,36 @@ class Registry:
     def node_services(self, node_id: str) -> list[Service]:
         """The services on one node."""
         return [s for s in self.services.values() if s.device.partition(":")[0] == node_id]
+
+    # ------------------------------------------------------------ jobs
+
+    def get_job(self, job_id: str) -> Job:
+        """The job, or NotFound."""
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise NotFound(f"job {job_id!r} does not exist", code="job_not_found") from None
+
+    def _job_header(self, job: Job) -> Event:
+        counts: dict[str, int] = {}
+        for a in job.actions:
+            counts[a.state] = counts.get(a.state, 0) + 1
+        job.counts = counts
+        header = msgspec.structs.replace(job, actions=[])
+        return self._event("job.updated", job.job_id, header)
+
+    def add_job(self, job: Job) -> list[Event]:
+        """A new job with its actions."""
+        job.created_at = time.time()
+        self.jobs[job.job_id] = job
+        events = [self._event("job.action", f"{job.job_id}/{a.id}", a) for a in job.actions]
+        events.append(self._job_header(job))
+        return events
+
+    def update_job(self, job: Job) -> list[Event]:
+        """The job's own state changed."""
+        return [self._job_header(job)]
+
+    def update_action(self, job: Job, action: JobAction) -> list[Event]:
+        """One action's state changed (the job's counts with it)."""
+        return [self._event("job.action", f"{job.job_id}/{action.id}", action), self._job_header(job)]

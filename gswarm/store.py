@@ -20,15 +20,24 @@ from typing import Any
 
 import msgspec
 
-from gswarm.protocol import Event, Location, Model, Node, Op, Service, encode, event_decoder
+from gswarm.protocol import Event, Job, JobAction, Location, Model, Node, Op, Service, encode, event_decoder
 
-_TABLES = {"model": "models", "node": "nodes", "location": "locations", "op": "ops", "service": "services"}
+_TABLES = {
+    "model": "models",
+    "node": "nodes",
+    "location": "locations",
+    "op": "ops",
+    "service": "services",
+    "job": "jobs",
+}
 _ENTITY_TYPES: dict[str, type[Any]] = {
     "models": Model,
     "nodes": Node,
     "locations": Location,
     "ops": Op,
     "services": Service,
+    "jobs": Job,
+    "job_actions": JobAction,
 }
 _TRANSIENT_KINDS = frozenset({"op.progress"})
 
@@ -39,6 +48,8 @@ CREATE TABLE IF NOT EXISTS nodes (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS locations (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS ops (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS services (key TEXT PRIMARY KEY, body BLOB);
+CREATE TABLE IF NOT EXISTS jobs (key TEXT PRIMARY KEY, body BLOB);
+CREATE TABLE IF NOT EXISTS job_actions (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
@@ -52,11 +63,21 @@ class Snapshot:
     locations: list[Location]
     ops: list[Op]
     services: list[Service]
+    jobs: list[Job]
     last_seq: int
     recent_events: list[Event]
 
 
 _STOP = object()
+
+
+def _assemble_jobs(jobs: list[Job], actions: list[JobAction]) -> list[Job]:
+    by_job: dict[str, list[JobAction]] = {}
+    for a in actions:
+        by_job.setdefault(a.job_id, []).append(a)
+    for job in jobs:
+        job.actions = sorted(by_job.get(job.job_id, []), key=lambda a: a.index)
+    return jobs
 
 
 class Store:
@@ -102,6 +123,7 @@ class Store:
             locations=tables["locations"],
             ops=tables["ops"],
             services=tables["services"],
+            jobs=_assemble_jobs(tables["jobs"], tables["job_actions"]),
             last_seq=last_seq,
             recent_events=events,
         )
@@ -146,7 +168,7 @@ class Store:
         rows: dict[tuple[str, str], bytes | None] = {}
         log = []
         for ev in batch:
-            table = _TABLES.get(ev.topic)
+            table = "job_actions" if ev.kind == "job.action" else _TABLES.get(ev.topic)
             if table is not None:
                 deleted = ev.kind.endswith(".deleted")
                 rows[(table, ev.key)] = None if deleted else encode(ev.data)

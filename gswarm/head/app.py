@@ -8,7 +8,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +63,22 @@ class Head:
         self.started_at = time.time()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.on_started: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         """Read state back and start the background sweeper."""
         self.tokens = await asyncio.to_thread(load_or_create_tokens, self.state_dir)
         snap = await asyncio.to_thread(self.store.open_and_load, self.settings.event_ring)
-        self.registry.load(snap.models, snap.nodes, snap.locations, snap.ops, snap.last_seq, snap.services)
+        self.registry.load(
+            snap.models, snap.nodes, snap.locations, snap.ops, snap.last_seq, snap.services, snap.jobs
+        )
         self.bus.preload(snap.recent_events, snap.last_seq)
         self._tasks.add(asyncio.create_task(self._sweeper(), name="head-sweeper"))
         from gswarm.head import replication
 
         replication.resume(self)
+        for hook in self.on_started:
+            hook()
         log.info(
             "head state loaded from %s: %d models, %d nodes, %d ops",
             self.state_dir,

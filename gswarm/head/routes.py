@@ -425,8 +425,9 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/ws/agent", head.agents.handle)
     r.add_get("/ws/events", events_socket)
     head.dispatcher.on_result("probe", _probe_result(head))
-    from gswarm.head import replication, services, transfers
+    from gswarm.head import jobs, replication, services, transfers
 
     transfers.setup(app)
     replication.setup(app)
     services.setup(app)
+    jobs.setup(app)

@@ -1,0 +1,341 @@
+"""Workflows: job files run as DAGs of actions, each action as one or more ops.
+
+`POST /jobs` validates the whole file first (422 with every problem), then a runner task
+starts every action whose dependencies have succeeded, in parallel, retrying failures with
+backoff; a failed action skips its dependents unless it has `continue_on_error`. Actions that
+write the same model on the same device, in this job or another, take a lock first, so they
+never interleave. Jobs are persisted action by action; a restarted head resumes them,
+waiting on the ops already running (which the agents report back) and starting the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gswarm.devices import parse_device
+from gswarm.errors import Conflict, GswarmError, InvalidWorkflow, PayloadTooLarge
+from gswarm.head.app import HEAD_KEY, Head
+from gswarm.head.replication import ReplicateBody, submit_replicate
+from gswarm.head.routes import _query_int, json_response
+from gswarm.head.services import (
+    HealthBody,
+    LoadBody,
+    ServeBody,
+    submit_health_check,
+    submit_load,
+    submit_serve,
+    submit_stop,
+)
+from gswarm.head.transfers import CopyBody, DownloadBody, delete_copy, submit_copy, submit_download
+from gswarm.protocol import ACTION_STATES_TERMINAL, Job, JobAction, Op
+from gswarm.workflow import JobSpec, load_text, validate
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF = 30.0
+
+
+def writes(action: JobAction) -> list[tuple[str, str]]:
+    """The (model, device) pairs an action writes: the locks it must hold."""
+    f = action.spec
+    model = str(f.get("model") or "")
+    keys: list[str] = []
+    match action.action:
+        case "download":
+            keys = [str(f.get("target"))]
+        case "copy":
+            keys = [str(f.get("to"))]
+        case "move":
+            keys = [str(f.get("from")), str(f.get("to"))]
+        case "delete" | "load" | "serve" | "stop":
+            keys = [str(f.get("device"))]
+        case "replicate":
+            keys = [str(t) for t in f.get("targets") or []]
+    out = []
+    for k in keys:
+        with contextlib.suppress(GswarmError):
+            out.append((model, str(parse_device(k))))
+    return sorted(set(out))
+
+
+async def submit_action(head: Head, action: JobAction) -> Op:
+    """Start the op of one action through the same checks as the REST routes."""
+    f = action.spec
+    model = str(f.get("model") or "")
+    timeout = action.timeout
+    match action.action:
+        case "download":
+            body = DownloadBody(
+                model_name=model,
+                source_url=str(f["source"]),
+                target_device=str(f["target"]),
+                allow_patterns=f.get("include"),
+                ignore_patterns=f.get("exclude"),
+                timeout=timeout,
+            )
+            return (await submit_download(head, body)).op
+        case "copy" | "move":
+            cbody = CopyBody(
+                model_name=model,
+                source_device=str(f["from"]),
+                target_device=str(f["to"]),
+                keep_source=bool(f.get("keep_source", False)),
+                timeout=timeout,
+            )
+            return (await submit_copy(head, cbody, move=action.action == "move")).op
+        case "delete":
+            return await delete_copy(head, model, parse_device(str(f["device"])), force=bool(f.get("force")))
+        case "load":
+            lbody = LoadBody(
+                model_name=model, device=str(f["device"]), source_device=f.get("from"), timeout=timeout
+            )
+            return (await submit_load(head, lbody)).op
+        case "serve":
+            sbody = ServeBody(
+                model_name=model,
+                device=str(f["device"]),
+                port=int(f["port"]),
+                config=dict(f.get("config") or {}),
+                backend=f.get("backend"),
+                timeout=timeout,
+            )
+            return (await submit_serve(head, sbody)).op
+        case "stop":
+            return (await submit_stop(head, model, str(f["device"]))).op
+        case "replicate":
+            rbody = ReplicateBody(
+                model_name=model,
+                targets=[str(t) for t in f.get("targets") or []],
+                all_nodes=f.get("all_nodes"),
+                source_device=f.get("from"),
+                timeout=timeout,
+            )
+            return (await submit_replicate(head, rbody)).op
+        case "health_check":
+            hbody = HealthBody(model_name=model or None, device=f.get("device"), node_id=f.get("node"))
+            return (await submit_health_check(head, hbody)).op
+    raise InvalidWorkflow(f"action {action.id}: unknown action {action.action!r}")
+
+
+class JobRunner:
+    """Runs every job of a head."""
+
+    def __init__(self, head: Head) -> None:
+        self.head = head
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def create(self, spec: JobSpec) -> Job:
+        """Record a validated job and start running it."""
+        job_id = uuid.uuid4().hex[:12]
+        actions = [
+            JobAction(
+                job_id=job_id,
+                id=a.id,
+                index=i,
+                action=a.action,
+                spec=a.fields,
+                depends_on=a.depends_on,
+                retries=a.retries,
+                timeout=a.timeout,
+                continue_on_error=a.continue_on_error,
+            )
+            for i, a in enumerate(spec.actions)
+        ]
+        job = Job(job_id=job_id, name=spec.name, description=spec.description, actions=actions)
+        self.head.commit(self.head.registry.add_job(job))
+        self.head.spawn(self.run(job), name=f"job-{job_id}")
+        return job
+
+    def resume_all(self) -> None:
+        """After a restart: carry on with every job that had not ended."""
+        for job in self.head.registry.jobs.values():
+            if not job.terminal:
+                self.head.spawn(self.run(job), name=f"job-{job.job_id}")
+
+    def _action(self, job: Job, action: JobAction, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(action, key, value)
+        self.head.commit(self.head.registry.update_action(job, action))
+
+    async def run(self, job: Job) -> None:
+        """Drive a job's DAG to its end."""
+        reg = self.head.registry
+        if job.state == "pending":
+            job.state = "running"
+            job.started_at = time.time()
+            self.head.commit(reg.update_job(job))
+        by_id = {a.id: a for a in job.actions}
+        tasks: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for a in job.actions:
+                    if a.id in tasks or a.state in ACTION_STATES_TERMINAL:
+                        continue
+                    if job.state == "cancelling":
+                        self._action(
+                            job, a, state="cancelled", error="job cancelled", finished_at=time.time()
+                        )
+                        continue
+                    deps = [by_id[d] for d in a.depends_on if d in by_id]
+                    if any(d.state not in ACTION_STATES_TERMINAL for d in deps):
+                        continue
+                    blocking = [
+                        d
+                        for d in deps
+                        if d.state != "succeeded" and not (d.state == "failed" and d.continue_on_error)
+                    ]
+                    if blocking:
+                        why = f"skipped: {blocking[0].id} {blocking[0].state}"
+                        self._action(job, a, state="skipped", error=why, finished_at=time.time())
+                        continue
+                    tasks[a.id] = asyncio.create_task(
+                        self._run_action(job, a), name=f"job-{job.job_id}-{a.id}"
+                    )
+                live = [t for t in tasks.values() if not t.done()]
+                if not live:
+                    stuck = [
+                        a for a in job.actions if a.state not in ACTION_STATES_TERMINAL and a.id not in tasks
+                    ]
+                    for a in stuck:  # only possible with an unsatisfiable dependency
+                        self._action(
+                            job, a, state="skipped", error="dependencies never ran", finished_at=time.time()
+                        )
+                    break
+                await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks.values():
+                t.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        failed = [a for a in job.actions if a.state in ("failed", "skipped") and not a.continue_on_error]
+        if job.state == "cancelling" or any(a.state == "cancelled" for a in job.actions):
+            job.state = "cancelled"
+            job.error = "cancelled"
+        elif failed:
+            job.state = "failed"
+            job.error = f"{failed[0].id}: {failed[0].error}" + (
+                f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            )
+        else:
+            job.state = "succeeded"
+        job.finished_at = time.time()
+        self.head.commit(self.head.registry.update_job(job))
+
+    async def _run_action(self, job: Job, action: JobAction) -> None:
+        keys = writes(action)
+        locks = [self._locks.setdefault(k, asyncio.Lock()) for k in keys]
+        if any(lock.locked() for lock in locks):
+            self._action(job, action, state="waiting", error="waiting for another action on the same copy")
+        async with contextlib.AsyncExitStack() as stack:
+            for lock in locks:
+                await stack.enter_async_context(lock)
+            await self._attempts(job, action)
+
+    async def _attempts(self, job: Job, action: JobAction) -> None:
+        reg = self.head.registry
+        # After a restart, an op the action had started is still its op: wait for it.
+        resume = reg.ops.get(action.op_ids[-1]) if action.op_ids and action.state == "running" else None
+        while True:
+            if job.state == "cancelling":
+                self._action(job, action, state="cancelled", error="job cancelled", finished_at=time.time())
+                return
+            error = ""
+            op: Op | None = None
+            if resume is not None:
+                op, resume = resume, None
+            else:
+                action.attempts += 1
+                try:
+                    op = await submit_action(self.head, action)
+                except GswarmError as exc:
+                    error = exc.message
+                else:
+                    started = action.started_at or time.time()
+                    ops = [*action.op_ids, op.op_id]
+                    self._action(job, action, state="running", op_ids=ops, error="", started_at=started)
+            if op is not None:
+                op = await self.head.dispatcher.wait(op.op_id, 7 * 86400)
+                if op.state == "succeeded":
+                    self._action(job, action, state="succeeded", finished_at=time.time())
+                    return
+                error = op.error.message if op.error else op.state
+                if job.state == "cancelling":
+                    self._action(job, action, state="cancelled", error=error, finished_at=time.time())
+                    return
+            if action.attempts > action.retries:
+                self._action(job, action, state="failed", error=error, finished_at=time.time())
+                return
+            self._action(job, action, state="retrying", error=error)
+            await asyncio.sleep(min(_MAX_BACKOFF, 0.5 * 2 ** (action.attempts - 1)))
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a job: its running ops are cancelled, the rest skipped."""
+        job = self.head.registry.get_job(job_id)
+        if job.terminal:
+            raise Conflict(f"job {job_id} has already ended ({job.state})", code="job_finished")
+        job.state = "cancelling"
+        self.head.commit(self.head.registry.update_job(job))
+        for a in job.actions:
+            if a.state in ("running", "retrying") and a.op_ids:
+                op = self.head.registry.ops.get(a.op_ids[-1])
+                if op is not None and not op.terminal:
+                    with contextlib.suppress(GswarmError):
+                        await self.head.dispatcher.cancel(op.op_id, f"job {job_id} cancelled")
+        return job
+
+
+RUNNER_KEY: web.AppKey[JobRunner] = web.AppKey("job_runner")
+
+
+async def create_job(request: web.Request) -> web.Response:
+    """`POST /jobs`: a job as JSON (the original body) or YAML; 422 with every problem."""
+    head = request.app[HEAD_KEY]
+    limit = head.settings.max_body_bytes * 8
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"job file of {request.content_length} bytes is over the {limit}-byte limit")
+    text = (await request.read()).decode(errors="replace")
+    data = load_text(text, "request body")
+    spec = validate(data)
+    job = request.app[RUNNER_KEY].create(spec)
+    return json_response(job, status=202)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """`GET /jobs`: every job, newest first, without its actions."""
+    reg = request.app[HEAD_KEY].registry
+    jobs = sorted(reg.jobs.values(), key=lambda j: j.created_at, reverse=True)
+    limit = _query_int(request, "limit", 100)
+    return json_response({"jobs": [msgspec.structs.replace(j, actions=[]) for j in jobs[:limit]]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """`GET /jobs/{job_id}`: the job and each action's state, ops, timings and error."""
+    return json_response(request.app[HEAD_KEY].registry.get_job(request.match_info["job_id"]))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """`POST /jobs/{job_id}/cancel`."""
+    return json_response(await request.app[RUNNER_KEY].cancel(request.match_info["job_id"]))
+
+
+def setup(app: web.Application) -> None:
+    """Attach the job routes and the runner."""
+    head = app[HEAD_KEY]
+    runner = JobRunner(head)
+    app[RUNNER_KEY] = runner
+    head.on_started.append(runner.resume_all)
+    r = app.router
+    r.add_post("/jobs", create_job)
+    r.add_get("/jobs", list_jobs)
+    r.add_get("/jobs/{job_id}", get_job)
+    r.add_post("/jobs/{job_id}/cancel", cancel_job)
