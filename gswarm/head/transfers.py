@@ -220,8 +220,9 @@ async def submit_copy(head: Head, body: CopyBody, move: bool) -> Submitted:
         from gswarm.head.services import _gpu_device, start_load
 
         gpu = _gpu_device(head, body.target_device, "target_device")
-        remove = move and not body.keep_source
-        return await start_load(head, model, gpu, str(src), remove, body.timeout)
+        # A GPU holds only the tensors; config and tokenizer files stay with the source copy,
+        # so a move onto a GPU keeps it (serving and restarts read from it).
+        return await start_load(head, model, gpu, str(src), False, body.timeout)
     dst = _storage_device(body.target_device, "target_device")
     if src == dst:
         raise BadRequest("source and target are the same device", details={"field": "target_device"})

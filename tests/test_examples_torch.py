@@ -1,0 +1,110 @@
+"""The original README's two job examples, unchanged, run end to end against real agents (on
+simulated GPUs) and the test suite's Hub, whose huggingface.co URLs resolve through
+HF_ENDPOINT. Both repos are the same tiny generated causal LM: the builtin backend serves
+transformers language models. Needs torch and transformers (`tox -e serve`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gswarm.client import GswarmClient
+from gswarm.head.app import HeadServer
+from gswarm.protocol import Job
+from tests.conftest import AgentRunner, wait_for
+from tests.test_serving_torch import tiny_llm  # noqa: F401 (fixture)
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
+        reason="needs torch and transformers (the serve extra): run `tox -e serve`",
+    ),
+    pytest.mark.skipif(
+        not (_port_free(8080) and _port_free(8081)), reason="the examples serve on ports 8080 and 8081"
+    ),
+]
+
+
+@pytest.fixture
+async def example_hub(tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:  # noqa: F811
+    from tests.hubserver import HubRepo, HubServer
+
+    server = HubServer(
+        [
+            HubRepo.from_dir("meta-llama/Llama-2-7b-hf", tiny_llm),
+            HubRepo.from_dir("stabilityai/stable-diffusion-2-1", tiny_llm),
+        ]
+    )
+    url = await server.start()
+    await server.wait_hashed()
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def _run(client: GswarmClient, name: str) -> Job:
+    job = await client.submit_job((EXAMPLES / name).read_text())
+
+    async def done() -> Job | None:
+        j = await client.get_job(job.job_id)
+        return j if j.terminal else None
+
+    final: Job = await wait_for(done, timeout=240, interval=0.2)
+    assert final.state == "succeeded", [(a.id, a.state, a.error) for a in final.actions]
+    return final
+
+
+async def _complete(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s:
+        body = {"prompt": "hello", "max_tokens": 4}
+        async with s.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+            assert r.status == 200
+            result: dict[str, Any] = await r.json()
+            return result
+
+
+async def test_original_examples_run_end_to_end(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, example_hub: Any
+) -> None:
+    await agents.start(head, "node1", simulate_gpus="1:2G")
+    await agents.start(head, "node2", simulate_gpus="1:2G")
+
+    deploy = await _run(client, "deploy-llama.json")
+    assert [a.action for a in deploy.actions] == ["download", "move", "serve"]
+    assert (await _complete(8080))["usage"]["completion_tokens"] > 0
+    locations = {loc.device for loc in (await client.get_model("llama-7b")).locations}
+    assert locations == {"node1:disk", "node1:gpu0"}  # a move onto a GPU keeps the files it serves from
+    await client.stop_service("llama-7b", "node1:gpu0", wait=True)
+    await client.delete_model("llama-7b")  # the second example starts from nothing
+    example_hub.rate_limit = 1 << 20  # slow enough that the two downloads visibly overlap
+
+    multi = await _run(client, "multi-model.yaml")
+    a = {x.id: x for x in multi.actions}
+    d1, d2 = a["1-download"], a["2-download"]
+    assert d1.started_at and d2.started_at and d1.finished_at and d2.finished_at
+    assert d2.started_at < d1.finished_at and d1.started_at < d2.finished_at  # both at once
+    assert (await _complete(8080))["model"] == "llama-7b"
+    assert (await _complete(8081))["model"] == "stable-diffusion"
+    for svc in await client.list_services():
+        await client.stop_service(svc.model, svc.device, wait=True)
