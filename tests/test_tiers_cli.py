@@ -116,3 +116,37 @@ def test_cli_download_copy_move_rm(cli: Cli, threaded_hub: ThreadedHubServer, ti
     assert r.returncode == 0, r.stderr
     r = cli.run("show", "tiny", "--head-url", url)
     assert r.returncode == 1
+
+
+def test_ctrl_c_leaves_the_op_running_without_a_terminal(cli: Cli, threaded_hub: ThreadedHubServer) -> None:
+    """Ctrl-C during a download: with no terminal to ask, the op keeps running and the CLI says
+    how to follow or cancel it; `events` follows every change live."""
+    _head, url = cli.start_head()
+    cli.spawn("client", url, "--node-id", "n1", env={"HF_ENDPOINT": threaded_hub.url}, name="agent")
+    deadline = time.monotonic() + 15
+    while (
+        time.monotonic() < deadline and '"online"' not in cli.run("nodes", "--json", "--head-url", url).stdout
+    ):
+        time.sleep(0.2)
+    follower = cli.spawn(
+        "events", "--json", "--since", "0", "--topic", "op", "--head-url", url, name="events"
+    )
+    threaded_hub.call(setattr, threaded_hub.server, "rate_limit", 10 << 20)
+    dl = cli.spawn("download", "tiny", "org/tiny", "n1:disk", "--head-url", url, name="download")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ops = json.loads(cli.run("ops", "--json", "--head-url", url).stdout)
+        if ops and ops[0]["progress"]["done"] > 0:
+            break
+        time.sleep(0.2)
+    dl.signal(signal.SIGINT)
+    assert dl.p.wait(10) == 130
+    assert "keeps running" in dl.output() and "Traceback" not in dl.output()
+    op = json.loads(cli.run("ops", "--json", "--head-url", url).stdout)[0]
+    assert op["state"] == "running"
+    assert cli.run("cancel", op["op_id"], "--head-url", url).returncode == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and '"op.cancelled"' not in follower.output():
+        time.sleep(0.2)
+    kinds = [json.loads(line)["kind"] for line in follower.output().splitlines() if line.startswith("{")]
+    assert kinds[0] == "op.created" and "op.progress" in kinds and "op.cancelled" in kinds
