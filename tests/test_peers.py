@@ -213,3 +213,26 @@ async def test_replicate_all_nodes(
     locs = {loc.device for loc in (await client.get_model("m")).locations}
     assert locs == {"w1:disk", "w1:dram", "w2:dram", "w3:dram"}
     await asyncio.sleep(0)
+
+
+async def test_replication_pipelines_through_targets_still_downloading(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, tiny_repo_dir: Path
+) -> None:
+    """With one peer per holder, copies form a chain; each target serves what it has while it
+    still downloads, so the next one starts long before its source has finished."""
+    for n in ["w1", "w2", "w3", "w4"]:
+        await agents.start(head, n, data_bandwidth=35 << 20)
+    await _seed(client, tiny_repo_dir, "w1:disk")
+    op = await client.replicate("m", ["w2:disk", "w3:disk", "w4:disk"], max_fanout=1, wait=True)
+    assert op.state == "succeeded", op.error
+    results = op.result["targets"] if op.result else {}
+    fed_by_target = [t for t, r in results.items() if r["from"] in ("w2", "w3", "w4")]
+    assert fed_by_target, results
+    reg = head.head.registry
+    for t in fed_by_target:
+        child = reg.ops[results[t]["op_id"]]
+        feeder = next(o for o in reg.ops.values() if o.kind == "fetch" and o.node_id == results[t]["from"])
+        assert child.started_at is not None and feeder.finished_at is not None
+        assert child.started_at < feeder.finished_at  # pipelined, not hop after hop
+        node = agents.agents[t.split(":")[0]]
+        assert tree_bytes(node.stores["disk"].model_dir("m")) == tree_bytes(tiny_repo_dir)

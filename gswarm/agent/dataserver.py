@@ -4,6 +4,10 @@
 Range), each needing `Authorization: Bearer <transfer token>` signed by the head for this
 model and this node. Files go out with `sendfile` (aiohttp's FileResponse) unless a bandwidth
 limit is set, in which case they are streamed through a token bucket shared by all requests.
+
+A copy still being downloaded is served too (so copies spread as a pipeline, not hop by hop):
+its manifest is the download's plan (with `X-Gswarm-Partial: 1`), and a range is served as far
+as it has been written; a range not written yet answers 425 Too Early.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from aiohttp import web
 
 from gswarm import grants
 from gswarm.agent.stores import MANIFEST_NAME, safe_relpath
+from gswarm.agent.transfer import DOWNLOAD_PLAN, available_ranges
 from gswarm.devices import MODEL_NAME_RE
 from gswarm.errors import Forbidden, GswarmError, NotFound
 from gswarm.protocol import encode
@@ -97,12 +102,16 @@ class DataServer:
 
     async def _manifest(self, request: web.Request) -> web.Response:
         model, tier = self._authorize(request)
-        path = self.agent.stores[tier].model_dir(model) / MANIFEST_NAME
-        try:
-            body = await asyncio.to_thread(path.read_bytes)
-        except OSError:
-            raise NotFound(f"{model} is not held on {tier} of {self.agent.node_id}") from None
-        return web.Response(body=body, content_type="application/json")
+        store = self.agent.stores[tier]
+        for path in (store.model_dir(model) / MANIFEST_NAME, store.partial_dir(model) / DOWNLOAD_PLAN):
+            try:
+                body = await asyncio.to_thread(path.read_bytes)
+            except OSError:
+                continue
+            # A copy still being written serves its plan: peers may fetch what is there already.
+            headers = {"X-Gswarm-Partial": "1"} if path.name == DOWNLOAD_PLAN else {}
+            return web.Response(body=body, content_type="application/json", headers=headers)
+        raise NotFound(f"{model} is not held on {tier} of {self.agent.node_id}")
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         model, tier = self._authorize(request)
@@ -112,37 +121,59 @@ class DataServer:
             raise NotFound("no such file") from None
         store = self.agent.stores[tier]
         manifest = await asyncio.to_thread(store.manifest, model)
-        if manifest is None or rel not in {f.path for f in manifest.files}:
-            raise NotFound(f"{rel} is not a published file of {model} on {tier}")
-        path = store.model_dir(model) / rel
-        if self.bucket is None:
-            return web.FileResponse(path, chunk_size=1 << 20)
-        return await self._throttled(request, path)
+        if manifest is not None:
+            if rel not in {f.path for f in manifest.files}:
+                raise NotFound(f"{rel} is not a published file of {model} on {tier}")
+            path = store.model_dir(model) / rel
+            if self.bucket is None:
+                return web.FileResponse(path, chunk_size=1 << 20)
+            size = (await asyncio.to_thread(os.stat, path)).st_size
+            start, end = self._range(request, size)
+            return await self._stream(request, path, start, end, size)
+        partial = store.partial_dir(model)
+        try:
+            size, ranges = await asyncio.to_thread(available_ranges, partial, rel)
+        except (OSError, ValueError, KeyError):
+            raise NotFound(f"{rel} is not a file of {model} on {tier}") from None
+        start, end = self._range(request, size)
+        have = next(((a, b) for a, b in ranges if a <= start < b), None)
+        if have is None:
+            return web.Response(status=425, headers={"Retry-After": "1"}, text="not downloaded yet")
+        return await self._stream(request, partial / rel, start, min(end, have[1]), size, partial=True)
 
-    async def _throttled(self, request: web.Request, path: os.PathLike[str]) -> web.StreamResponse:
-        assert self.bucket is not None
-        size = (await asyncio.to_thread(os.stat, path)).st_size
-        start, end = 0, size
-        status = 200
+    @staticmethod
+    def _range(request: web.Request, size: int) -> tuple[int, int]:
         rng = request.http_range
-        if rng.start is not None or rng.stop is not None:
-            start = rng.start or 0
-            end = min(size, rng.stop if rng.stop is not None else size)
-            if start >= end:
-                raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
-            status = 206
-        resp = web.StreamResponse(status=status)
+        start = rng.start or 0
+        end = min(size, rng.stop if rng.stop is not None else size)
+        if start >= end and size:
+            raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+        return start, end
+
+    async def _stream(
+        self,
+        request: web.Request,
+        path: os.PathLike[str],
+        start: int,
+        end: int,
+        size: int,
+        partial: bool = False,
+    ) -> web.StreamResponse:
+        """Bytes [start, end) of a file, through the bandwidth limit if there is one."""
+        ranged = partial or start > 0 or end < size or request.http_range.stop is not None
+        resp = web.StreamResponse(status=206 if ranged else 200)
         resp.content_length = end - start
         resp.headers["Accept-Ranges"] = "bytes"
-        if status == 206:
+        if ranged:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         await resp.prepare(request)
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
         try:
             pos = start
             while pos < end:
-                n = min(256 << 10, end - pos)
-                await self.bucket.take(n)
+                n = min(1 << 20, end - pos)
+                if self.bucket is not None:
+                    await self.bucket.take(n)
                 data = await asyncio.to_thread(os.pread, fd, n, pos)
                 if not data:
                     break

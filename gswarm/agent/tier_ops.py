@@ -18,6 +18,8 @@ import msgspec
 from gswarm.agent.executor import OpContext, OpResult, op_handler
 from gswarm.agent.stores import Manifest, ManifestFile, TierStore, safe_relpath
 from gswarm.agent.transfer import (
+    DOWNLOAD_PLAN,
+    DOWNLOAD_STATE,
     ByteCounter,
     Cancelled,
     FetchPlan,
@@ -33,6 +35,7 @@ from gswarm.agent.transfer import (
     resolve_hub,
     run_blocking,
     verify_files,
+    write_plan,
 )
 from gswarm.errors import BadRequest, Conflict, Forbidden, GswarmError, NotFound
 from gswarm.sources import FileSource, HttpSource, HubSource, parse_source
@@ -154,6 +157,8 @@ async def download(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
             manifest.model = model
             manifest.created_at = time.time()
             path = await asyncio.to_thread(store.publish, model, partial, manifest)
+            # Published first, so peers reading the partial copy find the final one at once.
+            await asyncio.to_thread(_drop_bookkeeping, path)
         except asyncio.CancelledError:
             # A cancelled download gives its space back; a crash keeps it for resuming.
             await asyncio.to_thread(store.discard_partial, model)
@@ -178,6 +183,8 @@ async def fetch(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
             manifest = await _from_peers(ctx, store, model, args.peers, partial, cancel, limit)
             manifest.created_at = time.time()
             path = await asyncio.to_thread(store.publish, model, partial, manifest)
+            # Published first, so peers reading the partial copy find the final one at once.
+            await asyncio.to_thread(_drop_bookkeeping, path)
         except asyncio.CancelledError:
             await asyncio.to_thread(store.discard_partial, model)
             raise
@@ -205,12 +212,13 @@ async def _from_peers(
             remote = msgspec.convert(raw, Manifest)
             files = [
                 RemoteFile(
-                    rel=safe_relpath(f.path),
-                    url=f"{base}/files/{quote(f.path)}",
-                    size=f.size,
-                    sha256=f.sha256,
+                    rel=safe_relpath(str(f["path"])),
+                    url=f"{base}/files/{quote(str(f['path']))}",
+                    size=int(f["size"]),
+                    sha256=str(f.get("sha256") or ""),
+                    git_sha1=str(f.get("git_sha1") or ""),
                 )
-                for f in remote.files
+                for f in raw["files"]
             ]
             counter = ByteCounter()
             downloader = await asyncio.to_thread(
@@ -218,7 +226,7 @@ async def _from_peers(
             )
             have = downloader.already_done(files)
             await asyncio.to_thread(store.check_space, remote.size - have)
-            await asyncio.to_thread(partial.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(write_plan, partial, model, files, remote.source, remote.revision)
             counter.value = have
             _track(ctx, counter)
             ctx.progress(have, remote.size, f"fetching from {peer.node_id}")
@@ -233,7 +241,6 @@ async def _from_peers(
                 if exc.code == "checksum_mismatch":
                     await asyncio.to_thread(downloader.state.forget, exc.message.partition(":")[0])
                 raise
-            await asyncio.to_thread((partial / downloader.state.path.name).unlink, missing_ok=True)
             ctx.peer = peer.node_id
             return Manifest(model=model, files=entries, source=remote.source, revision=remote.revision)
         except (TransferError, NotFound, Forbidden, msgspec.ValidationError) as exc:
@@ -262,7 +269,10 @@ async def _from_remote(
     have = downloader.already_done(plan.files)
     if plan.total:
         await asyncio.to_thread(store.check_space, plan.total - have)
-    await asyncio.to_thread(partial.mkdir, parents=True, exist_ok=True)
+    if all(f.size is not None for f in plan.files):
+        await asyncio.to_thread(write_plan, partial, args.model_name, plan.files, str(source), plan.revision)
+    else:
+        await asyncio.to_thread(partial.mkdir, parents=True, exist_ok=True)
     counter.value = have
     _track(ctx, counter)
     ctx.progress(have, plan.total, f"downloading {len(plan.files)} files" + (" (resuming)" if have else ""))
@@ -281,7 +291,6 @@ async def _from_remote(
             bad = exc.message.partition(":")[0]
             await asyncio.to_thread(downloader.state.forget, bad)
         raise
-    await asyncio.to_thread((partial / downloader.state.path.name).unlink, missing_ok=True)
     src = str(source)
     return Manifest(
         model="",
@@ -366,6 +375,11 @@ async def copy(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
         if args.remove_source:
             removed = await asyncio.to_thread(src.remove, model)
         return _result(dst, model, path, copied, removed_source=removed)
+
+
+def _drop_bookkeeping(partial: Path) -> None:
+    for name in (DOWNLOAD_STATE, DOWNLOAD_PLAN):
+        (partial / name).unlink(missing_ok=True)
 
 
 def _same(a: Manifest, b: Manifest) -> bool:

@@ -38,6 +38,11 @@ CHUNK_BYTES = 32 << 20
 READ_BYTES = 1 << 20
 COPY_CHUNK_BYTES = 64 << 20
 DOWNLOAD_STATE = ".gswarm-download.json"
+DOWNLOAD_PLAN = ".gswarm-plan.json"
+FLUSH_INTERVAL = 0.25
+STALL_TIMEOUT = 20.0
+"""A peer still downloading may serve what it has; a wait for bytes that do not come ends
+after this many seconds, and the next peer is tried."""
 _RETRIES = 4
 
 
@@ -249,9 +254,11 @@ class _Conn:
 class _State:
     """Which chunks of which files are on disk (persisted next to the partial files)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, chunk: int = CHUNK_BYTES) -> None:
         self.path = path
+        self.chunk = chunk
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self.files: dict[str, dict[str, Any]] = {}
         self._dirty = False
         self._last_write = 0.0
@@ -294,14 +301,15 @@ class _State:
     def flush(self, force: bool = True) -> None:
         with self._lock:
             now = time.monotonic()
-            if not self._dirty or (not force and now - self._last_write < 0.5):
+            if not self._dirty or (not force and now - self._last_write < FLUSH_INTERVAL):
                 return
-            data = json.dumps({"files": self.files})
+            data = json.dumps({"chunk": self.chunk, "files": self.files})
             self._dirty = False
             self._last_write = now
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(data)
-        os.replace(tmp, self.path)
+        with self._write_lock:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(data)
+            os.replace(tmp, self.path)
 
 
 class RangeDownloader:
@@ -326,7 +334,7 @@ class RangeDownloader:
         self.chunk = chunk
         self.timeout = timeout
         self.limit = limit
-        self.state = _State(dest / DOWNLOAD_STATE)
+        self.state = _State(dest / DOWNLOAD_STATE, chunk)
 
     def already_done(self, files: Iterable[RemoteFile]) -> int:
         """Bytes of these files already on disk from an earlier attempt."""
@@ -444,6 +452,14 @@ class RangeDownloader:
         finally:
             conns.close()
 
+    def _wait_for_peer(self, waited: float) -> float:
+        if waited >= STALL_TIMEOUT:
+            raise TransferError(f"the peer sent nothing new for {STALL_TIMEOUT:g} s", code="source_stalled")
+        if self.cancel.is_set():
+            raise Cancelled()
+        time.sleep(0.2)
+        return waited + 0.2
+
     @staticmethod
     def _http_error(status: int, reason: str, url: str) -> GswarmError:
         if status == 404:
@@ -462,12 +478,18 @@ class RangeDownloader:
         pos = start
         mv = memoryview(buf)
         attempt = 0
+        waited = 0.0
         while pos < end:
             if self.cancel.is_set():
                 raise Cancelled()
             headers = {**self.headers, "Range": f"bytes={pos}-{end - 1}", "Accept-Encoding": "identity"}
             try:
                 resp, _ = self._request(conns, f.url, headers)
+                if resp.status == 425:
+                    # A peer that is still downloading has not got these bytes yet.
+                    resp.read()
+                    waited = self._wait_for_peer(waited)
+                    continue
                 if resp.status >= 400:
                     resp.read()
                     raise self._http_error(resp.status, resp.reason, f.url)
@@ -476,6 +498,10 @@ class RangeDownloader:
                     conns.drop(f.url)
                     raise TransferError(f"{f.url} does not support range requests", code="source_error")
                 want = end - pos
+                served = _content_range_end(resp.getheader("Content-Range"))
+                if resp.status == 206 and served is not None:
+                    want = min(want, served + 1 - pos)  # a peer still downloading sends what it has
+                waited = 0.0
                 while want > 0:
                     if self.cancel.is_set():
                         resp.close()
@@ -506,6 +532,50 @@ class RangeDownloader:
                         code="source_unreachable",
                     ) from None
                 time.sleep(min(2.0, 0.2 * 2**attempt))
+
+
+def _content_range_end(header: str | None) -> int | None:
+    """The last byte of `Content-Range: bytes a-b/size`."""
+    if not header or not header.startswith("bytes ") or "-" not in header:
+        return None
+    try:
+        return int(header[6:].split("/")[0].split("-")[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def write_plan(partial: Path, model: str, files: list[RemoteFile], source: str, revision: str) -> None:
+    """Record what a download will hold, so peers can fetch from it while it runs."""
+    plan = {
+        "model": model,
+        "source": source,
+        "revision": revision,
+        "files": [{"path": f.rel, "size": f.size, "sha256": f.sha256, "git_sha1": f.git_sha1} for f in files],
+    }
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / (DOWNLOAD_PLAN + ".tmp")
+    tmp.write_text(json.dumps(plan))
+    os.replace(tmp, partial / DOWNLOAD_PLAN)
+
+
+def available_ranges(partial: Path, rel: str) -> tuple[int, list[tuple[int, int]]]:
+    """The file's size and the byte ranges [a, b) of it already written in a partial download."""
+    state = json.loads((partial / DOWNLOAD_STATE).read_text())
+    chunk = int(state.get("chunk", CHUNK_BYTES))
+    entry = state["files"][rel]
+    size = int(entry["size"])
+    ranges = [(i * chunk, min(size, (i + 1) * chunk)) for i in entry["done"]]
+    ranges += [
+        (int(i) * chunk, int(pos)) for i, pos in entry.get("part", {}).items() if int(pos) > int(i) * chunk
+    ]
+    ranges.sort()
+    merged: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return size, merged
 
 
 # ---------------------------------------------------------------- hashing and verification

@@ -21,7 +21,7 @@ from gswarm.devices import parse_device, validate_model_name
 from gswarm.errors import BadRequest, Conflict, GswarmError
 from gswarm.head.app import HEAD_KEY, Head
 from gswarm.head.routes import Submitted, read_json, submitted_response
-from gswarm.head.transfers import _open_writer, _require_node, _writing, peer_sources
+from gswarm.head.transfers import _open_writer, _partial_holder, _require_node, _writing, peer_sources
 from gswarm.protocol import Event, Op, OpError, OpProgress
 
 HEAD_NODE = "@head"  # not a valid node id: no agent can claim it
@@ -108,14 +108,17 @@ class Replication:
         self.failed_sources: dict[str, set[str]] = collections.defaultdict(set)
 
     def _holders(self) -> list[str]:
+        """Devices that can feed a target: ready copies, then copies still arriving (a target
+        serves what it has while it downloads, so copies spread as a pipeline)."""
         reg = self.head.registry
         first = self.op.args.get("source_device")
         found = [
             loc.device
             for loc in reg.model_locations(self.model)
-            if loc.state == "ready" and parse_device(loc.device).tier in ("disk", "dram")
+            if parse_device(loc.device).tier in ("disk", "dram")
+            and (loc.state == "ready" or _partial_holder(self.head, self.model, loc.device))
         ]
-        found.sort(key=lambda d: (d != first, self.load[d]))
+        found.sort(key=lambda d: (d != first, reg.locations[(self.model, d)].state != "ready", self.load[d]))
         return found
 
     async def run(self) -> None:
@@ -138,7 +141,7 @@ class Replication:
                 self._progress(len(targets))
                 if not active:
                     break
-                await self._wait_any(active)
+                await self._wait_any(active, 0.5 if pending else 5.0)
                 await self._give_up_on_lost_targets(active)
                 for child in [c for c in active if reg.get_op(c).terminal]:
                     target, source = active.pop(child)
@@ -169,7 +172,12 @@ class Replication:
             sources = [
                 h
                 for h in self._holders()
-                if self.load[h] < self.fanout and h not in self.failed_sources[target] and h != target
+                if self.load[h] < self.fanout
+                and h not in self.failed_sources[target]
+                and h != target
+                and not (
+                    h.partition(":")[0] == node and not self._ready(h)
+                )  # a local copy needs a whole source
             ]
             if not any(h not in self.failed_sources[target] for h in self._holders() if h != target):
                 self.results[target] = {"state": "failed", "error": "every holder failed to serve it"}
@@ -224,11 +232,13 @@ class Replication:
             "fetch", dev.node, args, None, _writing(head, self.model, target, "copying")
         )
 
-    async def _wait_any(self, active: dict[str, tuple[str, str]]) -> None:
+    async def _wait_any(self, active: dict[str, tuple[str, str]], timeout: float) -> None:
+        """Until a fetch ends, or `timeout` passes (a target that has started receiving may
+        feed the next one: look again soon while targets wait)."""
         waiters = [self.head.op_waiter(child) for child in active]
         waiters.append(self.head.op_waiter(self.op.op_id))
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED, timeout=5.0)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED, timeout=timeout)
         finally:
             for w in waiters:
                 if not w.done():

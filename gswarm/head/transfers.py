@@ -135,19 +135,34 @@ def _already_there(head: Head, kind: str, node: str, args: dict[str, Any], loc: 
 GRANT_TTL = 2 * 3600.0
 
 
+def _partial_holder(head: Head, model: str, device: str) -> bool:
+    """True when a copy is being written by a download or fetch that peers can read from
+    while it runs (its agent serves the ranges already written)."""
+    op = _open_writer(head, model, device)
+    if op is None or op.kind not in ("download", "fetch") or op.progress.done <= 0:
+        return False  # bytes flowing means the plan peers read is written
+    return not str(op.args.get("source_url", "")).startswith("file://")
+
+
 def peer_sources(head: Head, model: str, target_node: str, first: str | None = None) -> list[dict[str, Any]]:
-    """Ready copies of `model` on online nodes with a data server, each with a grant for
-    `target_node`; `first` (a device) leads, the others follow as fallbacks."""
+    """Copies of `model` on online nodes with a data server, each with a grant for
+    `target_node`: `first` (a device) leads, then ready copies, then copies still being
+    downloaded (served as far as they go)."""
     reg = head.registry
     holders = []
     for loc in reg.model_locations(model):
         node_id, _, tier = loc.device.partition(":")
         node = reg.nodes.get(node_id)
-        if loc.state != "ready" or tier not in ("disk", "dram") or node is None:
+        if tier not in ("disk", "dram") or node is None or node_id == target_node:
             continue
         if node.status != "online" or not node.data_url or head.agents.get(node_id) is None:
             continue
-        holders.append((loc.device != first, tier != "dram", loc.device, node_id, tier, node.data_url))
+        partial = loc.state != "ready"
+        if partial and not _partial_holder(head, model, loc.device):
+            continue
+        holders.append(
+            (loc.device != first, partial, tier != "dram", loc.device, node_id, tier, node.data_url)
+        )
     holders.sort()
     return [
         {
@@ -156,7 +171,7 @@ def peer_sources(head: Head, model: str, target_node: str, first: str | None = N
             "tier": tier,
             "token": grants.mint(head.tokens.transfer_key, model, node_id, target_node, GRANT_TTL),
         }
-        for _, _, _, node_id, tier, url in holders
+        for _, _, _, _, node_id, tier, url in holders
     ]
 
 
