@@ -57,8 +57,11 @@ def op_handler(kind: str) -> Callable[[Handler], Handler]:
 class OpContext:
     """Handed to a handler: the op's identity, the agent, and progress reporting."""
 
-    def __init__(self, agent: Agent, op_id: str, kind: str) -> None:
+    def __init__(
+        self, agent: Agent, op_id: str, kind: str, send: Callable[[AgentMessage], None] | None = None
+    ) -> None:
         self.agent = agent
+        self._send = send
         self.op_id = op_id
         self.kind = kind
         self.done = 0
@@ -73,13 +76,16 @@ class OpContext:
         self.rate = 0.0
 
     def progress(self, done: int, total: int | None = None, message: str | None = None) -> None:
-        """Record progress; the executor sends it, coalesced, at most every interval."""
+        """Record progress; the executor sends it, coalesced, at most every interval. A new
+        phase (a new message) goes out at once, so even a short phase is seen."""
         self.done = done
         if total is not None:
             self.total = total
-        if message is not None:
-            self.message = message
         self.dirty = True
+        if message is not None and message != self.message:
+            self.message = message
+            if self._send is not None:
+                self._send(self.snapshot())
 
     def advance(self, delta: int) -> None:
         """Add to `done` (thread-safe enough for one writer per op)."""
@@ -138,7 +144,7 @@ class Executor:
         if cmd.op_id in self.outbox:
             self._send(self.outbox[cmd.op_id])
             return
-        ctx = OpContext(self._agent, cmd.op_id, cmd.kind)
+        ctx = OpContext(self._agent, cmd.op_id, cmd.kind, self._send)
         task = asyncio.create_task(self._run(cmd, ctx), name=f"op-{cmd.kind}-{cmd.op_id}")
         self.running[cmd.op_id] = (task, ctx)
 
