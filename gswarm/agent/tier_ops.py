@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -126,34 +127,23 @@ def _track(ctx: OpContext, counter: ByteCounter) -> None:
     ctx.progress_source = lambda: counter.value
 
 
-@op_handler("download")
-async def download(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
-    """Fetch a model from the Hub, a URL or a local path into a tier."""
-    args = msgspec.convert(raw, DownloadArgs)
-    store = _store(ctx, args.tier)
-    source = parse_source(args.source_url)
-    model = args.model_name
-    async with _lock(ctx, args.tier, model):
+Produce = Callable[[Path, threading.Event, RateLimit | None], Awaitable[Manifest]]
+
+
+async def _new_copy(
+    ctx: OpContext, store: TierStore, model: str, bandwidth: int | None, produce: Produce
+) -> OpResult:
+    """The frame of every op that writes a new copy: one writer per model and tier, nothing to do
+    when the copy is there, `produce` fills the partial directory, then verify-and-publish."""
+    async with _lock(ctx, store.name, model):
         existing = await asyncio.to_thread(store.manifest, model)
         if existing is not None:
             return _result(store, model, store.model_dir(model), existing, already_present=True)
         cancel = threading.Event()
         partial = store.partial_dir(model)
-        limit = RateLimit(args.bandwidth_limit) if args.bandwidth_limit else None
-        peer_errors: list[str] = []
-        manifest: Manifest | None = None
+        limit = RateLimit(bandwidth) if bandwidth else None
         try:
-            if args.peers:
-                try:
-                    manifest = await _from_peers(ctx, store, model, args.peers, partial, cancel, limit)
-                except TransferError as exc:
-                    peer_errors.append(exc.message)
-            if manifest is None:
-                ctx.progress(0, 0, f"resolving {source}")
-                if isinstance(source, FileSource):
-                    manifest = await _from_local(ctx, store, source, partial, cancel)
-                else:
-                    manifest = await _from_remote(ctx, store, source, args, partial, cancel, limit)
+            manifest = await produce(partial, cancel, limit)
             manifest.model = model
             manifest.created_at = time.time()
             path = await asyncio.to_thread(store.publish, model, partial, manifest)
@@ -163,7 +153,31 @@ async def download(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
             # A cancelled download gives its space back; a crash keeps it for resuming.
             await asyncio.to_thread(store.discard_partial, model)
             raise
-        return _result(store, model, path, manifest, from_peer=ctx.peer, peer_errors=peer_errors)
+        return _result(store, model, path, manifest, from_peer=ctx.peer)
+
+
+@op_handler("download")
+async def download(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
+    """Fetch a model from the Hub, a URL or a local path into a tier (peers first, if given)."""
+    args = msgspec.convert(raw, DownloadArgs)
+    store = _store(ctx, args.tier)
+    source = parse_source(args.source_url)
+    peer_errors: list[str] = []
+
+    async def produce(partial: Path, cancel: threading.Event, limit: RateLimit | None) -> Manifest:
+        if args.peers:
+            try:
+                return await _from_peers(ctx, store, args.model_name, args.peers, partial, cancel, limit)
+            except TransferError as exc:
+                peer_errors.append(exc.message)
+        ctx.progress(0, 0, f"resolving {source}")
+        if isinstance(source, FileSource):
+            return await _from_local(ctx, store, source, partial, cancel)
+        return await _from_remote(ctx, store, source, args, partial, cancel, limit)
+
+    result = await _new_copy(ctx, store, args.model_name, args.bandwidth_limit, produce)
+    result.result["peer_errors"] = peer_errors
+    return result
 
 
 @op_handler("fetch")
@@ -171,24 +185,11 @@ async def fetch(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
     """Pull a verified copy of a model from peers (in the order given) into a tier."""
     args = msgspec.convert(raw, FetchArgs)
     store = _store(ctx, args.tier)
-    model = args.model_name
-    async with _lock(ctx, args.tier, model):
-        existing = await asyncio.to_thread(store.manifest, model)
-        if existing is not None:
-            return _result(store, model, store.model_dir(model), existing, already_present=True)
-        cancel = threading.Event()
-        partial = store.partial_dir(model)
-        limit = RateLimit(args.bandwidth_limit) if args.bandwidth_limit else None
-        try:
-            manifest = await _from_peers(ctx, store, model, args.peers, partial, cancel, limit)
-            manifest.created_at = time.time()
-            path = await asyncio.to_thread(store.publish, model, partial, manifest)
-            # Published first, so peers reading the partial copy find the final one at once.
-            await asyncio.to_thread(_drop_bookkeeping, path)
-        except asyncio.CancelledError:
-            await asyncio.to_thread(store.discard_partial, model)
-            raise
-        return _result(store, model, path, manifest, from_peer=ctx.peer)
+
+    async def produce(partial: Path, cancel: threading.Event, limit: RateLimit | None) -> Manifest:
+        return await _from_peers(ctx, store, args.model_name, args.peers, partial, cancel, limit)
+
+    return await _new_copy(ctx, store, args.model_name, args.bandwidth_limit, produce)
 
 
 async def _from_peers(
