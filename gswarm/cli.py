@@ -677,7 +677,9 @@ def replicate(
     ] = None,
     all_nodes: Annotated[str | None, typer.Option("--all-nodes", help="Every online node's TIER.")] = None,
     source: Annotated[str | None, typer.Option("--from", help="Start from this copy.")] = None,
-    max_fanout: Annotated[int, typer.Option(help="Peers one holder serves at once.")] = 2,
+    max_fanout: Annotated[
+        int, typer.Option(help="Peers one holder serves at once (1: a pipelined chain).")
+    ] = 1,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,

@@ -275,7 +275,7 @@ class GswarmClient:
         *,
         all_nodes: str | None = None,
         source_device: str | None = None,
-        max_fanout: int = 2,
+        max_fanout: int = 1,
         bandwidth_limit: int | None = None,
         wait: bool = False,
     ) -> Op:

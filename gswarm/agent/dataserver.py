@@ -38,7 +38,9 @@ class TokenBucket:
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
-        self._tokens = float(min(rate, 1 << 20))
+        # Little burst: an idle limiter must not let a second's worth of bytes out at once.
+        self._burst = float(min(rate / 20, 1 << 20))
+        self._tokens = self._burst
         self._last = time.monotonic()
         self._lock = asyncio.Lock()
 
@@ -46,7 +48,7 @@ class TokenBucket:
         """Wait until `n` bytes may be sent."""
         async with self._lock:
             now = time.monotonic()
-            self._tokens = min(float(self.rate), self._tokens + (now - self._last) * self.rate)
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self.rate)
             self._last = now
             self._tokens -= n
             if self._tokens < 0:

@@ -235,7 +235,9 @@ async def _from_peers(
                 await run_blocking(cancel, downloader.run, files)
                 ctx.progress_source = None
                 ctx.progress(remote.size, remote.size, "verifying")
-                entries = await run_blocking(cancel, verify_files, partial, files, cancel)
+                entries = await run_blocking(
+                    cancel, verify_files, partial, files, cancel, 4, downloader.hashes
+                )
             except Cancelled:
                 raise asyncio.CancelledError from None
             except TransferError as exc:
@@ -285,7 +287,7 @@ async def _from_remote(
     ctx.progress_source = None
     ctx.progress(total, total, "verifying")
     try:
-        files = await run_blocking(cancel, verify_files, partial, plan.files, cancel)
+        files = await run_blocking(cancel, verify_files, partial, plan.files, cancel, 4, downloader.hashes)
     except TransferError as exc:
         if exc.code == "checksum_mismatch":
             # Never keep bytes that failed their checksum: the next attempt fetches them anew.

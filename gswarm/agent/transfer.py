@@ -36,6 +36,7 @@ T = TypeVar("T")
 
 CHUNK_BYTES = 32 << 20
 READ_BYTES = 1 << 20
+HASH_READ_BYTES = 8 << 20
 COPY_CHUNK_BYTES = 64 << 20
 DOWNLOAD_STATE = ".gswarm-download.json"
 DOWNLOAD_PLAN = ".gswarm-plan.json"
@@ -75,14 +76,16 @@ class RateLimit:
     def __init__(self, rate: int) -> None:
         self.rate = rate
         self._lock = threading.Lock()
-        self._tokens = float(min(rate, 1 << 20))
+        # Little burst: an idle limiter must not let a second's worth of bytes out at once.
+        self._burst = float(min(rate / 20, 1 << 20))
+        self._tokens = self._burst
         self._last = time.monotonic()
 
     def take(self, n: int) -> None:
         """Account for `n` bytes, sleeping as long as the limit requires."""
         with self._lock:
             now = time.monotonic()
-            self._tokens = min(float(self.rate), self._tokens + (now - self._last) * self.rate)
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self.rate)
             self._last = now
             self._tokens -= n
             debt = -self._tokens
@@ -284,6 +287,21 @@ class _State:
             self._dirty = True
         self.flush(force=False)
 
+    def prefix(self, rel: str) -> int:
+        """How many bytes from the start of a file are written without a gap."""
+        with self._lock:
+            e = self.files.get(rel)
+            if e is None:
+                return 0
+            done = set(e["done"])
+            i = 0
+            while i in done:
+                i += 1
+            size = int(e["size"])
+            pos = min(size, i * self.chunk)
+            part = e.get("part", {}).get(str(i))
+            return max(pos, min(size, int(part))) if part is not None else pos
+
     def chunk_done(self, rel: str, index: int) -> None:
         with self._lock:
             e = self.files[rel]
@@ -335,6 +353,8 @@ class RangeDownloader:
         self.timeout = timeout
         self.limit = limit
         self.state = _State(dest / DOWNLOAD_STATE, chunk)
+        self.hashes: dict[str, tuple[str, str]] = {}
+        """(sha256, git sha1) of files hashed while they arrived."""
 
     def already_done(self, files: Iterable[RemoteFile]) -> int:
         """Bytes of these files already on disk from an earlier attempt."""
@@ -398,10 +418,17 @@ class RangeDownloader:
 
         n = max(1, min(self.workers, len(tasks)))
         threads = [threading.Thread(target=worker, name=f"gswarm-fetch-{i}", daemon=True) for i in range(n)]
+        fetching = threading.Event()
+        hasher = threading.Thread(
+            target=self._hash_behind, args=(files, fetching, errors), name="gswarm-hash", daemon=True
+        )
         for t in threads:
             t.start()
+        hasher.start()
         for t in threads:
             t.join()
+        fetching.set()
+        hasher.join()
         self.state.flush()
         if self.cancel.is_set():
             raise Cancelled()
@@ -410,6 +437,42 @@ class RangeDownloader:
             if isinstance(err, GswarmError):
                 raise err
             raise TransferError(f"download failed: {type(err).__name__}: {err}") from err
+
+    def _hash_behind(
+        self, files: list[RemoteFile], done: threading.Event, errors: list[BaseException]
+    ) -> None:
+        """Hash each file as its written prefix grows, while the download runs: verifying
+        afterwards would read every byte again on the critical path."""
+        buf = bytearray(HASH_READ_BYTES)
+        mv = memoryview(buf)
+        for f in sorted(files, key=lambda f: -(f.size or 0)):
+            size = f.size or 0
+            sha = hashlib.sha256()
+            git = hashlib.sha1(usedforsecurity=False) if f.git_sha1 else None
+            if git is not None:
+                git.update(f"blob {size}\0".encode())
+            pos = 0
+            fd = os.open(self.dest / f.rel, os.O_RDONLY)
+            try:
+                while pos < size:
+                    if errors or self.cancel.is_set():
+                        return
+                    ready = self.state.prefix(f.rel)
+                    if ready <= pos:
+                        if done.is_set() and self.state.prefix(f.rel) <= pos:
+                            return  # the download stopped short; verify_files reports it
+                        time.sleep(0.02)
+                        continue
+                    n = os.preadv(fd, [mv[: min(len(buf), ready - pos)]], pos)
+                    if n <= 0:
+                        return
+                    sha.update(mv[:n])
+                    if git is not None:
+                        git.update(mv[:n])
+                    pos += n
+            finally:
+                os.close(fd)
+            self.hashes[f.rel] = (sha.hexdigest(), git.hexdigest() if git is not None else "")
 
     def _request(
         self, conns: _Conn, url: str, headers: dict[str, str], method: str = "GET"
@@ -603,17 +666,22 @@ def _hash_file(path: Path, want_git: bool, cancel: threading.Event) -> tuple[str
 
 
 def verify_files(
-    root: Path, files: list[RemoteFile], cancel: threading.Event, workers: int = 4
+    root: Path,
+    files: list[RemoteFile],
+    cancel: threading.Event,
+    workers: int = 4,
+    hashed: dict[str, tuple[str, str]] | None = None,
 ) -> list[ManifestFile]:
-    """Check sizes and hashes of fetched files; the manifest entries, or TransferError naming
-    the first file that does not match."""
+    """Check sizes and hashes of fetched files (`hashed`: digests already taken while they
+    arrived); the manifest entries, or TransferError naming the first file that does not match."""
 
     def check(f: RemoteFile) -> ManifestFile:
         path = root / f.rel
         size = path.stat().st_size
         if f.size is not None and size != f.size:
             raise TransferError(f"{f.rel}: size {size} != expected {f.size}", code="verification_failed")
-        sha, git = _hash_file(path, bool(f.git_sha1), cancel)
+        known = (hashed or {}).get(f.rel)
+        sha, git = known if known is not None else _hash_file(path, bool(f.git_sha1), cancel)
         if f.sha256 and sha != f.sha256:
             raise TransferError(f"{f.rel}: sha256 {sha} != expected {f.sha256}", code="checksum_mismatch")
         if f.git_sha1 and git != f.git_sha1:

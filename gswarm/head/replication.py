@@ -1,11 +1,13 @@
 """Replication: spread one model to many devices, node to node.
 
 `POST /replicate {model_name, targets | all_nodes, source_device?, max_fanout?}` creates a
-head-side op (kind `replicate`, node `head`) and a coordinator task. The coordinator starts a
+head-side op (kind `replicate`, node `@head`) and a coordinator task. The coordinator starts a
 `fetch` op on each target, taking as source the holder with the fewest peers in flight (never
-more than `max_fanout` at once); each target that finishes becomes a source for the next, so
-the copies spread as a tree. A failed fetch is retried from another holder; the op ends with a
-result per target.
+more than `max_fanout` at once). A target serves what it has while it still downloads, so it
+becomes a source as soon as its first bytes arrive: with the default fanout of 1 the copies
+flow down a pipelined chain at the speed of one link; a larger fanout makes a tree of chains
+(more resilient, each link shared). The seed may itself still be downloading. A failed fetch
+is retried from another holder; the op ends with a result per target.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ HEAD_NODE = "@head"  # not a valid node id: no agent can claim it
 MAX_ATTEMPTS = 3
 
 
+def _incoming(head: Head, model: str, device: str) -> bool:
+    """A copy being written by a download or fetch (it will be able to serve peers)."""
+    op = _open_writer(head, model, device)
+    return op is not None and op.kind in ("download", "fetch")
+
+
 class ReplicateBody(msgspec.Struct):
     """`POST /replicate`."""
 
@@ -35,7 +43,7 @@ class ReplicateBody(msgspec.Struct):
     targets: list[str] = msgspec.field(default_factory=list)
     all_nodes: str | None = None
     source_device: str | None = None
-    max_fanout: int = 2
+    max_fanout: int = 1
     bandwidth_limit: int | None = None
     timeout: float | None = None
 
@@ -70,13 +78,18 @@ async def submit_replicate(head: Head, body: ReplicateBody) -> Submitted:
         if dev.is_gpu:
             raise BadRequest(f"{t}: replication goes to disk or dram", code="unsupported_tier")
         _require_node(head, dev)
-    holders = [loc.device for loc in head.registry.model_locations(model) if loc.state == "ready"]
+    # A copy still arriving (a download under way) may seed the spread: it serves what it has.
+    holders = [
+        loc.device
+        for loc in head.registry.model_locations(model)
+        if loc.state == "ready" or _incoming(head, model, loc.device)
+    ]
     if body.source_device is not None:
         src = str(parse_device(body.source_device, "source_device"))
         if src not in holders:
             raise Conflict(f"{model} is not held on {src}", code="not_held", details={"locations": holders})
     elif not [h for h in holders if parse_device(h).tier in ("disk", "dram")]:
-        raise Conflict(f"{model} has no ready copy to replicate from", code="not_held")
+        raise Conflict(f"{model} has no copy to replicate from", code="not_held")
     args: dict[str, Any] = {
         "model_name": model,
         "targets": targets,
@@ -100,7 +113,7 @@ class Replication:
         self.head = head
         self.op = op
         self.model = str(op.args["model_name"])
-        self.fanout = int(op.args.get("max_fanout") or 2)
+        self.fanout = int(op.args.get("max_fanout") or 1)
         self.bandwidth = op.args.get("bandwidth_limit")
         self.results: dict[str, dict[str, Any]] = {}
         self.load: collections.Counter[str] = collections.Counter()
@@ -140,8 +153,11 @@ class Replication:
                 await self._start_some(pending, active)
                 self._progress(len(targets))
                 if not active:
+                    if pending and self._sources_coming():
+                        await asyncio.sleep(0.1)  # the seed copy has not sent its first bytes yet
+                        continue
                     break
-                await self._wait_any(active, 0.5 if pending else 5.0)
+                await self._wait_any(active, 0.1 if pending else 5.0)
                 await self._give_up_on_lost_targets(active)
                 for child in [c for c in active if reg.get_op(c).terminal]:
                     target, source = active.pop(child)
@@ -159,6 +175,12 @@ class Replication:
                 await self.head.dispatcher.cancel(
                     child, f"node {node.node_id} went offline during replication"
                 )
+
+    def _sources_coming(self) -> bool:
+        return any(
+            _incoming(self.head, self.model, loc.device)
+            for loc in self.head.registry.model_locations(self.model)
+        )
 
     def _ready(self, device: str) -> bool:
         loc = self.head.registry.locations.get((self.model, device))
