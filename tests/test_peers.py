@@ -16,7 +16,7 @@ from gswarm import grants
 from gswarm.client import GswarmClient
 from gswarm.errors import Conflict
 from gswarm.head.app import HeadServer
-from tests.conftest import AgentRunner, Cli, tree_bytes, wait_for
+from tests.conftest import BIG_FILE_BYTES, AgentRunner, Cli, tree_bytes, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -236,3 +236,19 @@ async def test_replication_pipelines_through_targets_still_downloading(
         assert child.started_at < feeder.finished_at  # pipelined, not hop after hop
         node = agents.agents[t.split(":")[0]]
         assert tree_bytes(node.stores["disk"].model_dir("m")) == tree_bytes(tiny_repo_dir)
+
+
+async def test_replicate_while_the_seed_is_still_downloading(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, hub: Any, tiny_repo_dir: Path
+) -> None:
+    """Fetch from the Hub once and spread it at the same time: the Hub serves one copy."""
+    for n in ["w1", "w2", "w3"]:
+        await agents.start(head, n)
+    hub.rate_limit = 60 << 20
+    seed = await client.download("tiny", "org/tiny", "w1:disk")
+    op = await client.replicate("tiny", ["w2:disk", "w3:disk"], wait=True)
+    assert op.state == "succeeded", op.result
+    assert (await client.wait_op(seed.op_id, timeout=30)).state == "succeeded"
+    assert hub.bytes_served["model.safetensors"] == BIG_FILE_BYTES
+    for n in ["w2", "w3"]:
+        assert tree_bytes(agents.agents[n].stores["disk"].model_dir("tiny")) == tree_bytes(tiny_repo_dir)

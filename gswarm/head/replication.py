@@ -202,6 +202,9 @@ class Replication:
                 )  # a local copy needs a whole source
             ]
             if not any(h not in self.failed_sources[target] for h in self._holders() if h != target):
+                if self._sources_coming():
+                    pending.append(target)  # a copy on its way will be able to serve it
+                    continue
                 self.results[target] = {"state": "failed", "error": "every holder failed to serve it"}
                 continue
             if node in busy_nodes or not sources:
