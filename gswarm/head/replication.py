@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from typing import Any
 
 import msgspec
@@ -25,6 +26,8 @@ from gswarm.head.app import HEAD_KEY, Head
 from gswarm.head.routes import Submitted, read_json, submitted_response
 from gswarm.head.transfers import _open_writer, _partial_holder, _require_node, _writing, peer_sources
 from gswarm.protocol import Event, Op, OpError, OpProgress
+
+log = logging.getLogger(__name__)
 
 HEAD_NODE = "@head"  # not a valid node id: no agent can claim it
 MAX_ATTEMPTS = 3
@@ -163,8 +166,11 @@ class Replication:
                     target, source = active.pop(child)
                     self.load[source] -= 1
                     self._settle(reg.get_op(child), target, source, pending)
-        finally:
-            self._finish(targets)
+        except asyncio.CancelledError:
+            raise  # the head is stopping: the op stays open and resumes after the restart
+        except Exception:
+            log.exception("replication %s failed", self.op.op_id)
+        self._finish(targets)
 
     async def _give_up_on_lost_targets(self, active: dict[str, tuple[str, str]]) -> None:
         """A target whose node went offline is not waited for: the rest carries on without it."""
