@@ -59,6 +59,8 @@ class Settings:
     """Largest websocket message either way."""
     subscriber_queue: int = 2048
     """Events an event subscriber may have waiting before it is dropped as slow."""
+    ops_kept: int = 50_000
+    """Ended ops kept (in memory and SQLite); older ones are forgotten."""
     event_ring: int = 20_000
     """Events kept in memory for replay; older ones are read back from SQLite."""
     progress_interval: float = 0.2

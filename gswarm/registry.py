@@ -70,6 +70,7 @@ class Registry:
         self.nodes: dict[str, Node] = {}
         self.locations: dict[tuple[str, str], Location] = {}
         self.ops: dict[str, Op] = {}
+        self._open: set[str] = set()
         self.services: dict[str, Service] = {}
         self.jobs: dict[str, Job] = {}
         self.last_seq = 0
@@ -93,6 +94,7 @@ class Registry:
         self.nodes = {n.node_id: n for n in nodes}
         self.locations = {(loc.model, loc.device): loc for loc in locations}
         self.ops = {o.op_id: o for o in ops}
+        self._open = {o.op_id for o in self.ops.values() if not o.terminal}
         self.last_seq = last_seq
         now = time.time()
         for node in self.nodes.values():
@@ -279,6 +281,7 @@ class Registry:
             timeout=timeout,
         )
         self.ops[op.op_id] = op
+        self._open.add(op.op_id)
         return op, [self._event("op.created", op.op_id, op)]
 
     def op_sent(self, op_id: str) -> None:
@@ -318,6 +321,7 @@ class Registry:
             return []
         op.state = state
         op.finished_at = time.time()
+        self._open.discard(op_id)
         op.result = result
         op.error = error
         if state == "succeeded" and op.progress.total:
@@ -325,8 +329,21 @@ class Registry:
         return [self._event(f"op.{state}", op_id, op)]
 
     def open_ops(self, node_id: str | None = None) -> list[Op]:
-        """Ops not yet ended, for one node or all."""
-        return [o for o in self.ops.values() if not o.terminal and (node_id is None or o.node_id == node_id)]
+        """Ops not yet ended, for one node or all (from an index: the history can be long)."""
+        return [
+            op for op in (self.ops[i] for i in list(self._open)) if node_id is None or op.node_id == node_id
+        ]
+
+    def prune_ops(self, keep: int) -> list[str]:
+        """Forget the oldest ended ops beyond `keep`; their ids, for the store to delete."""
+        ended = len(self.ops) - len(self._open)
+        if ended <= keep:
+            return []
+        doomed = sorted((o for o in self.ops.values() if o.terminal), key=lambda o: o.finished_at or 0)
+        ids = [o.op_id for o in doomed[: ended - keep * 9 // 10]]  # some slack: not every sweep
+        for op_id in ids:
+            del self.ops[op_id]
+        return ids
 
     # ------------------------------------------------------------ locations
 

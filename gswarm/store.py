@@ -13,6 +13,7 @@ import asyncio
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,14 @@ class Snapshot:
 
 
 _STOP = object()
+GROUP_COMMIT_SECONDS = 0.003
+"""The writer waits this long after the first queued write, so bursts share one transaction."""
+
+
+@dataclass
+class _Forget:
+    table: str
+    keys: list[str]
 
 
 def _assemble_jobs(jobs: list[Job], actions: list[JobAction]) -> list[Job]:
@@ -130,6 +139,11 @@ class Store:
 
     # ------------------------------------------------------------ writes
 
+    def forget(self, table: str, keys: Sequence[str]) -> None:
+        """Queue the deletion of rows (pruned history); returns at once."""
+        if keys:
+            self._queue.put(_Forget(table, list(keys)))
+
     def persist(self, events: Sequence[Event]) -> None:
         """Queue events for writing; returns at once."""
         if self._error is not None:
@@ -143,20 +157,25 @@ class Store:
             while True:
                 item = self._queue.get()
                 batch: list[Event] = []
+                forget: list[_Forget] = []
                 stop = item is _STOP
                 if not stop:
-                    batch.extend(item)
-                while not stop:
+                    time.sleep(GROUP_COMMIT_SECONDS)
+                while True:
+                    if item is _STOP:
+                        stop = True
+                    elif isinstance(item, _Forget):
+                        forget.append(item)
+                    elif item is not None:
+                        batch.extend(item)
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                    if item is _STOP:
-                        stop = True
-                    else:
-                        batch.extend(item)
                 if batch:
                     self._write(conn, batch)
+                for f in forget:
+                    conn.executemany(f"DELETE FROM {f.table} WHERE key=?", [(k,) for k in f.keys])
                 if stop:
                     return
         except BaseException as exc:  # surfaced on the next persist()

@@ -136,3 +136,26 @@ async def test_queued_op_is_delivered_when_agent_returns_to_restarted_head(
         assert STARTS["r"] == 2 and head.head.registry.ops[op.op_id].attempts == 2
     finally:
         await head.stop()
+
+
+async def test_ended_ops_beyond_the_limit_are_forgotten(tmp_path: Path, agents: AgentRunner) -> None:
+    from tests.conftest import fast_settings
+
+    settings = fast_settings(ops_kept=5)
+    head = HeadServer(tmp_path / "state", "127.0.0.1", 0, settings)
+    await head.start()
+    try:
+        await agents.start(head, "w1")
+        async with GswarmClient(head.url, head.head.tokens.api_token) as c:
+            ids = [(await c.probe("w1", wait=True)).op_id for _ in range(12)]
+            await wait_for(lambda: len(head.head.registry.ops) <= 5, timeout=5)
+            kept = [op.op_id for op in await c.list_ops()]
+            assert kept and set(kept) <= set(ids[-5:])  # the newest stay
+    finally:
+        await head.stop()
+    again = HeadServer(tmp_path / "state", "127.0.0.1", 0, settings)
+    await again.start()
+    try:
+        assert len(again.head.registry.ops) <= 5
+    finally:
+        await again.stop()

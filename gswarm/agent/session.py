@@ -93,6 +93,7 @@ class Session:
             ping_timeout=s.ws_ping_interval * 2,
             close_timeout=2,
             max_size=s.max_ws_message_bytes,
+            compression=None,
         ) as ws:
             local = ws.local_address
             hello = await self._make_hello(str(local[0]) if local else "127.0.0.1")

@@ -101,6 +101,9 @@ class AgentHub:
         """The `/ws/agent` route."""
         settings = self._head.settings
         ws = web.WebSocketResponse(
+            # No permessage-deflate: its zlib state costs ~100 KB per agent on the head, and
+            # control messages are small.
+            compress=False,
             heartbeat=settings.ws_ping_interval,
             max_msg_size=settings.max_ws_message_bytes,
             timeout=5.0,
