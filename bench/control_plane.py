@@ -6,8 +6,9 @@ What it measures, all in one run on this machine:
 
 (a) op round trip for each N: `POST /nodes/{id}/probe` -> head -> agent (`Accepted`,
     `Succeeded`) -> head -> `op.succeeded` event at a `/ws/events` subscriber; p50/p90/p99/max;
-(b) the anchor: a bare aiohttp websocket echo round trip (same count, ~300-byte JSON), and the
-    ratio gswarm p50 / echo p50;
+(b) the anchor: a bare aiohttp websocket echo round trip (same count, 300-byte JSON), measured
+    at the start and again just before each N, and the ratio gswarm p50 / echo p50; plus
+    `GET /health` on the head, the floor of any REST call;
 (c) head RSS and CPU with the largest N of agents connected, idle and heartbeating.
 
 Processes: the head is started through the real CLI (`python -m gswarm head`) on 127.0.0.1
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -39,14 +41,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
-import websockets
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -69,6 +70,7 @@ from gswarm.protocol import (
 
 HOST = "127.0.0.1"
 SCRIPT = str(Path(__file__).resolve())
+TOKEN_ENV = "BENCH_CONTROL_PLANE_JOIN_TOKEN"
 HEARTBEAT_INTERVAL = 5.0  # the default; the head hands it to the agents in Welcome
 HELLO_TIMEOUT = 10.0  # the head's default hello timeout
 ECHO_MESSAGE_BYTES = 300
@@ -145,6 +147,36 @@ class CpuMeter:
         """Percent of one core used by each process since the meter was made."""
         wall = time.monotonic() - self._wall
         return [100.0 * (proc_cpu_seconds(p) - c) / wall for p, c in zip(self._pids, self._cpu, strict=True)]
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """Busy and steal time of the whole machine so far, in clock ticks (/proc/stat, all CPUs)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (values + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+class MachineMeter:
+    """How much CPU the rest of the machine used while the benchmark ran (a noise indicator)."""
+
+    def __init__(self) -> None:
+        self._wall = time.monotonic()
+        self._busy, self._steal = machine_jiffies()
+        self._ours: dict[int, float] = {}
+        self.load_start = os.getloadavg()[0]
+
+    def track(self, pids: Sequence[int]) -> None:
+        """Count these processes as ours from now on."""
+        for pid in pids:
+            self._ours.setdefault(pid, proc_cpu_seconds(pid))
+
+    def others_percent(self) -> tuple[float, float]:
+        """CPU used by processes not ours, and steal, as percent of one core, since the start."""
+        wall = time.monotonic() - self._wall
+        busy, steal = machine_jiffies()
+        ours = sum(proc_cpu_seconds(pid) - c for pid, c in self._ours.items())
+        others = (busy - self._busy) / CLK_TCK - ours
+        return 100.0 * max(0.0, others) / wall, 100.0 * (steal - self._steal) / CLK_TCK / wall
 
 
 def raise_nofile_limit(wanted: int) -> int:
@@ -238,7 +270,6 @@ class AgentWorker:
             for attempt in range(3):
                 try:
                     await self._session(node_id, release)
-                    return
                 except Exception as exc:  # any failure: count it, retry a failed connect
                     if released:  # it was connected: a drop, not a failed connect
                         self.counters.drops += 1
@@ -246,10 +277,14 @@ class AgentWorker:
                         return
                     self.counters.note_error(f"{node_id} connect attempt {attempt + 1}: {exc!r}")
                     await asyncio.sleep(0.5 * (attempt + 1))
+                else:  # the head closed a socket it had welcomed
+                    self.counters.drops += 1
+                    self.counters.note_error(f"{node_id} closed by the head")
+                    return
         finally:
             release(False)
 
-    async def _session(self, node_id: str, release: Any) -> None:
+    async def _session(self, node_id: str, release: Callable[[bool], None]) -> None:
         inventory = sim_inventory(node_id)
         inv_builtins = to_builtins(inventory)
         async with connect(
@@ -522,11 +557,11 @@ async def start_workers(
                 SCRIPT,
                 "_agents",
                 ws_url,
-                head.join_token,
                 compression,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=logf,
+                env={**os.environ, TOKEN_ENV: head.join_token},  # not on the command line
             )
         workers.append(WorkerProc(f"agents-{i}", proc, log))
     return workers
@@ -616,6 +651,10 @@ class OpRun:
     failed: int
     seconds: float
     head_cpu_us_per_op: float
+    echo: Latency | None = None
+    """The bare echo measured just before this run: the anchor under the same conditions."""
+    rss_kb_per_op: float = 0.0
+    """Head RSS growth over the run, per op (op history kept in memory)."""
 
 
 async def op_round_trips(
@@ -804,36 +843,49 @@ def report(
     idle: IdleResult | None,
     connect_seconds: dict[int, float],
     elapsed: float,
+    noise: tuple[float, float, float],
+    drops: int,
 ) -> str:
     """The results as plain-text tables (markdown-compatible)."""
     out = []
     out.append(
         f"machine: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-        f"aiohttp {aiohttp.__version__}, websockets {websockets.__version__}, msgspec {msgspec.__version__}"
+        f"aiohttp {aiohttp.__version__}, websockets {importlib.metadata.version('websockets')}, "
+        f"msgspec {msgspec.__version__}"
     )
     out.append(
         f"run: agents {args.agents}, {args.ops} ops per N after {args.warmup} warm-up, "
         f"{args.workers} agent worker processes, agent compression {args.compression}, "
         f"heartbeat {HEARTBEAT_INTERVAL:g} s, idle window {args.idle:g} s; {elapsed:.0f} s in all"
     )
+    others, steal, load = noise
+    out.append(
+        f"machine noise: 1-min load {load:.2f} at start; other processes used {others:.0f} % of a core "
+        f"and steal was {steal:.1f} % during the run; agent connections dropped: {drops}"
+    )
     out.append("")
     out.append("(a)+(b) round trips in ms, sequential (one in flight at a time)")
     out.append("")
-    out.append("| what | agents | n | p50 | p90 | p99 | max | p50 / echo p50 | p50 / (2 × echo p50) |")
-    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    out.append(
+        "| what | agents | n | p50 | p90 | p99 | max | echo p50 | p50 / echo p50 | p50 / (2 × echo p50) |"
+    )
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
-    def row(what: str, agents: str, lat: Latency) -> str:
+    def row(what: str, agents: str, lat: Latency, anchor: Latency) -> str:
         return (
             f"| {what} | {agents} | {lat.n} | {_ms(lat.p50)} | {_ms(lat.p90)} | {_ms(lat.p99)} | "
-            f"{_ms(lat.max)} | {lat.p50 / echo.p50:.2f} | {lat.p50 / (2 * echo.p50):.2f} |"
+            f"{_ms(lat.max)} | {_ms(anchor.p50)} | {lat.p50 / anchor.p50:.2f} | "
+            f"{lat.p50 / (2 * anchor.p50):.2f} |"
         )
 
-    out.append(row("bare aiohttp ws echo (anchor)", "-", echo))
-    out.append(row("head `GET /health` (REST floor)", "-", rest))
+    out.append(row("bare aiohttp ws echo (anchor)", "-", echo, echo))
+    out.append(row("head `GET /health` (REST floor)", "-", rest, echo))
     for r in runs:
-        out.append(row("probe op: POST → agent → `op.succeeded` event", str(r.agents), r.latency))
+        what = "probe op: POST → agent → `op.succeeded` event"
+        out.append(row(what, str(r.agents), r.latency, r.echo or echo))
     out.append("")
     out.append(
+        "Each op row is compared with a bare echo measured just before it (same machine load). "
         "p50 / (2 × echo p50) is the one-hop view: the op round trip crosses 4 one-way hops "
         "(REST request, head→agent, agent→head, head→subscriber), the echo 2."
     )
@@ -842,6 +894,7 @@ def report(
     out.append("| --- |" + " ---: |" * len(runs))
     out.append("| `POST` answered (202), p50 ms | " + " | ".join(_ms(r.post.p50) for r in runs) + " |")
     out.append("| head CPU per op, µs | " + " | ".join(f"{r.head_cpu_us_per_op:.0f}" for r in runs) + " |")
+    out.append("| head RSS growth per op, KB | " + " | ".join(f"{r.rss_kb_per_op:.1f}" for r in runs) + " |")
     out.append("| ops lost / failed | " + " | ".join(f"{r.lost} / {r.failed}" for r in runs) + " |")
     if connect_seconds:
         out.append(
@@ -881,10 +934,11 @@ def report(
     out.append("| target | measured | result |")
     out.append("| --- | ---: | :---: |")
     for r in runs:
-        ratio = r.latency.p50 / echo.p50
+        anchor = r.echo or echo
+        ratio = r.latency.p50 / anchor.p50
         out.append(
             f"| p50 ≤ {TARGET_P50_RATIO:g}× bare echo, N={r.agents} | {ratio:.2f}× "
-            f"({_ms(r.latency.p50)} vs {_ms(echo.p50)} ms) | {_verdict(ratio <= TARGET_P50_RATIO)} |"
+            f"({_ms(r.latency.p50)} vs {_ms(anchor.p50)} ms) | {_verdict(ratio <= TARGET_P50_RATIO)} |"
         )
     big = [r for r in runs if r.agents >= 1000]
     for r in big:
@@ -939,12 +993,18 @@ async def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> str:
     started = time.monotonic()
     counts = sorted(set(args.agents))
     rng = random.Random(args.seed)
-    say = (lambda text: print(text, file=sys.stderr, flush=True)) if not args.silent else (lambda text: None)
 
+    def say(text: str) -> None:
+        if not args.silent:
+            print(text, file=sys.stderr, flush=True)
+
+    machine = MachineMeter()
+    machine.track([os.getpid()])
     echo_url = await start_echo(procs, tmp)
     head = await start_head(procs, tmp, args.profile)
     say(f"head {head.url} pid {head.pid}; echo {echo_url}")
     workers = await start_workers(procs, tmp, args.workers, head, args.compression)
+    machine.track([proc.pid for _, proc in procs.procs])
     headers = {"Authorization": f"Bearer {head.api_token}"}
     timeout = aiohttp.ClientTimeout(total=30.0)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
@@ -998,7 +1058,12 @@ async def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> str:
                 )
             nodes = [node_id for w in workers for node_id in w.ids]
             say(f"ops: {args.warmup} warm-up + {args.ops} probes with {n} agents")
-            runs.append(await op_round_trips(session, head, watcher, nodes, args.ops, args.warmup, rng))
+            echo_now = await echo_round_trips(session, echo_url, args.ops, args.warmup)
+            rss_a = proc_rss_kb(head.pid)
+            run = await op_round_trips(session, head, watcher, nodes, args.ops, args.warmup, rng)
+            run.echo = echo_now
+            run.rss_kb_per_op = (proc_rss_kb(head.pid) - rss_a) / (args.ops + args.warmup)
+            runs.append(run)
             say(f"  p50 {runs[-1].latency.p50:.3f} ms, p99 {runs[-1].latency.p99:.3f} ms")
 
         stats = [await w.call({"cmd": "stats"}, 10.0) for w in workers]
@@ -1007,7 +1072,10 @@ async def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> str:
             say(f"warning: {drops} agent connections dropped: {[s['errors'] for s in stats]}")
         if watcher.task is not None:
             watcher.task.cancel()
-    return report(args, echo, rest, runs, idle, connect_seconds, time.monotonic() - started)
+        others, steal = machine.others_percent()
+    noise = (others, steal, machine.load_start)
+    elapsed = time.monotonic() - started
+    return report(args, echo, rest, runs, idle, connect_seconds, elapsed, noise, drops)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -1060,6 +1128,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def _main_async(args: argparse.Namespace, procs: Processes) -> int:
+    task = asyncio.current_task()
+    if task is not None:  # SIGTERM: stop like Ctrl-C, through the same clean-up
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     with tempfile.TemporaryDirectory(prefix="gswarm-bench-") as tmpdir:
         tmp = Path(tmpdir)
         try:
@@ -1076,7 +1147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point (and the internal worker roles)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_agents"]:
-        url, token, compression = argv[1:4]
+        url, compression = argv[1:3]
+        token = os.environ[TOKEN_ENV]
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(agents_main(url, token, None if compression == "none" else compression))
         return 0
@@ -1089,7 +1161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs = Processes()
     try:
         return asyncio.run(_main_async(args, procs))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted", file=sys.stderr)
         return 130
     except BenchError as exc:
