@@ -135,3 +135,17 @@ def test_up_runs_head_and_local_agent(cli: Cli) -> None:
     r = cli.run("token", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["api_token"].startswith("gsw_api_")
     assert up.stop() == 0
+
+
+def test_sync_client(cli: Cli) -> None:
+    """The SDK's blocking wrapper, against a head started through the CLI."""
+    from gswarm.client import SyncClient
+    from gswarm.config import load_tokens
+
+    _head, url = cli.start_head()
+    tokens = load_tokens(cli.tmp_path / "state")
+    assert tokens is not None
+    sdk = SyncClient(url, tokens.api_token)
+    sdk.register_model("m1", "llm", source_url="hf://org/m1")
+    assert [m.name for m in sdk.list_models()] == ["m1"]
+    assert sdk.health()["status"] == "ok"

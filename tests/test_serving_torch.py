@@ -118,6 +118,16 @@ async def test_load_serve_restart_stop_on_simulated_gpu(
     assert gpus is not None and gpus["inventory"]["gpus"][0]["memory_free"] == 1 << 30
     assert await client.list_services() == []
 
+    # A loaded model is freed by rm; a worker that dies takes its locations with it.
+    assert (await client.load("tiny-llm", "w1:gpu0", wait=True)).state == "succeeded"
+    assert (await client.delete_location("tiny-llm", "w1:gpu0", wait=True)).state == "succeeded"
+    assert agent.gpu_pool.resident.get(0, {}) == {}
+    assert ("tiny-llm", "w1:gpu0") not in head.head.registry.locations
+    assert (await client.load("tiny-llm", "w1:gpu0", wait=True)).state == "succeeded"
+    os.kill(agent.gpu_pool.workers[0].pid, signal.SIGKILL)
+    await wait_for(lambda: ("tiny-llm", "w1:gpu0") not in head.head.registry.locations, timeout=15)
+    assert {loc.device for loc in (await client.get_model("tiny-llm")).locations} == {"w1:dram"}
+
 
 async def test_builtin_on_the_cpu_from_dram(
     head: HeadServer, agents: AgentRunner, client: GswarmClient, llm_hub: Any
