@@ -117,8 +117,15 @@ class WorkerHandle:
     """The agent's end of one worker process (`gswarm.agent.gpu_worker`): JSON-line calls,
     progress callbacks, and a callback when the process dies."""
 
-    def __init__(self, device: str, log_path: Path, on_exit: Callable[[WorkerHandle], None] | None = None):
+    def __init__(
+        self,
+        device: str,
+        log_path: Path,
+        on_exit: Callable[[WorkerHandle], None] | None = None,
+        resident: bool = False,
+    ):
         self.device = device
+        self.resident = resident
         self.log_path = log_path
         self.on_exit = on_exit
         self.proc: asyncio.subprocess.Process | None = None
@@ -150,6 +157,7 @@ class WorkerHandle:
                 "gswarm.agent.gpu_worker",
                 "--device",
                 self.device,
+                *(["--resident"] if self.resident else []),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
@@ -278,7 +286,12 @@ class GpuPool:
         w = self.workers.get(index)
         if w is None or not w.alive:
             device = "cpu" if info.simulated else f"cuda:{index}"
-            w = WorkerHandle(device, self.log_dir / f"gpu{index}-worker.log", lambda h: self._lost(index, h))
+            w = WorkerHandle(
+                device,
+                self.log_dir / f"gpu{index}-worker.log",
+                lambda h: self._lost(index, h),
+                resident=info.simulated,
+            )
             await w.start()
             self.workers[index] = w
         return w

@@ -30,12 +30,14 @@ log = logging.getLogger("gswarm.gpu_worker")
 class Worker:
     """Resident models and the servers over them."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, resident: bool = False) -> None:
         self.device = device
+        self.resident = resident
         self.models: dict[str, dict[str, Any]] = {}
         self.sizes: dict[str, int] = {}
         self.dirs: dict[str, str] = {}
         self.servers: dict[str, Any] = {}
+        self.warm: asyncio.Task[None] | None = None
         self._out = sys.stdout.buffer
         self._lock = asyncio.Lock()
 
@@ -56,6 +58,10 @@ class Worker:
             with safe_open(os.path.join(model_dir, name), framework="pt", device=self.device) as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     t = f.get_tensor(key)
+                    if self.resident and t.device.type == "cpu":
+                        # safetensors maps CPU tensors from the file; a simulated GPU must hold
+                        # its own copy in memory, as a real one would.
+                        t = t.clone()
                     tensors[key] = t
                     done += t.numel() * t.element_size()
                     now = time.monotonic()
@@ -90,6 +96,8 @@ class Worker:
             await asyncio.to_thread(self._free)
             return {"freed": freed}
         if cmd == "serve":
+            if self.warm is not None:
+                await self.warm  # one import of transformers at a time: it is not thread-safe
             from gswarm.agent.builtin_server import BuiltinServer, build_model
 
             sid, model = req["service"], req["model"]
@@ -125,6 +133,8 @@ class Worker:
         reader = asyncio.StreamReader(limit=1 << 20)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         self.send({"event": "ready", "device": self.device})
+        # Importing transformers takes seconds; do it now, off the loop, not in the first serve.
+        self.warm = asyncio.create_task(asyncio.to_thread(_preimport))
         tasks: set[asyncio.Task[None]] = set()
         while True:
             line = await reader.readline()
@@ -138,6 +148,7 @@ class Worker:
             task.add_done_callback(tasks.discard)
         for server in list(self.servers.values()):
             await server.stop()
+        await asyncio.gather(self.warm, return_exceptions=True)
 
     async def _answer(self, req: dict[str, Any]) -> None:
         try:
@@ -152,10 +163,21 @@ class Worker:
             )
 
 
+def _preimport() -> None:
+    try:
+        import transformers  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+    except ImportError:
+        pass  # no serve extra: this worker only holds weights
+
+
 def main() -> None:
     """Entry point of the worker process."""
     parser = argparse.ArgumentParser(description="gswarm model worker (one per GPU)")
     parser.add_argument("--device", default="cpu", help="cuda:N or cpu")
+    parser.add_argument(
+        "--resident", action="store_true", help="copy CPU tensors into memory (simulated GPU)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -166,7 +188,7 @@ def main() -> None:
             flush=True,
         )
         sys.exit(3)
-    asyncio.run(Worker(args.device).run())
+    asyncio.run(Worker(args.device, args.resident).run())
 
 
 if __name__ == "__main__":

@@ -111,6 +111,8 @@ class ServiceManager:
         self.config = config
         self.log_dir = log_dir
         self.runtimes: dict[str, Runtime] = {}
+        self._spare: WorkerHandle | None = None
+        self._spare_task: asyncio.Task[None] | None = None
 
     @property
     def backends(self) -> list[str]:
@@ -229,15 +231,36 @@ class ServiceManager:
                 await load_model(self.agent, svc.model, rt.gpu, None, lambda d, t: None)
             rt.worker = await pool.worker(rt.gpu)
         else:
-            rt.worker = WorkerHandle("cpu", rt.log_path)
-            await rt.worker.start()
-            await rt.worker.call(
-                "load", model=svc.model, dir=str(rt.model_dir), files=safetensors_files(rt.model_dir)
-            )
+            rt.worker = await self._cpu_worker(rt.log_path)
+            files = await asyncio.to_thread(safetensors_files, rt.model_dir)
+            await rt.worker.call("load", model=svc.model, dir=str(rt.model_dir), files=files)
         await rt.worker.call(
             "serve", service=svc.service_id, model=svc.model, dir=str(rt.model_dir), port=svc.port
         )
         svc.pid = rt.worker.pid
+
+    async def _cpu_worker(self, log_path: Path) -> WorkerHandle:
+        """A CPU worker for a disk/dram service: the spare one, warm (torch and transformers
+        imported), if there is one; a new spare starts in the background for the next serve."""
+        spare, self._spare = self._spare, None
+        if spare is None or not spare.alive:
+            spare = WorkerHandle("cpu", log_path)
+            await spare.start()
+        if self._spare_task is None or self._spare_task.done():
+            self._spare_task = asyncio.create_task(self._start_spare())
+        return spare
+
+    async def _start_spare(self) -> None:
+        spare = WorkerHandle("cpu", self.log_dir / "spare-cpu-worker.log")
+        try:
+            await spare.start()
+        except GswarmError as exc:
+            log.warning("no spare CPU worker: %s", exc.message)
+            return
+        except asyncio.CancelledError:
+            await spare.kill()
+            raise
+        self._spare = spare
 
     def _alive(self, rt: Runtime) -> bool:
         if rt.proc is not None:
@@ -351,10 +374,15 @@ class ServiceManager:
         return rt.service
 
     async def close(self) -> None:
-        """Stop every service (the agent is shutting down)."""
+        """Stop every service and the spare worker (the agent is shutting down)."""
         for sid in list(self.runtimes):
             with contextlib.suppress(GswarmError):
                 await self.stop(sid)
+        if self._spare_task is not None:
+            self._spare_task.cancel()
+            await asyncio.gather(self._spare_task, return_exceptions=True)
+        if self._spare is not None:
+            await self._spare.stop()
 
 
 # ---------------------------------------------------------------- model files
