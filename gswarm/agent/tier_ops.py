@@ -21,6 +21,7 @@ from gswarm.agent.stores import Manifest, ManifestFile, TierStore, safe_relpath
 from gswarm.agent.transfer import (
     DOWNLOAD_PLAN,
     DOWNLOAD_STATE,
+    VERIFY_WORKERS,
     ByteCounter,
     Cancelled,
     FetchPlan,
@@ -287,7 +288,9 @@ async def _from_remote(
     ctx.progress_source = None
     ctx.progress(total, total, "verifying")
     try:
-        files = await run_blocking(cancel, verify_files, partial, plan.files, cancel, 4, downloader.hashes)
+        files = await run_blocking(
+            cancel, verify_files, partial, plan.files, cancel, VERIFY_WORKERS, downloader.hashes
+        )
     except TransferError as exc:
         if exc.code == "checksum_mismatch":
             # Never keep bytes that failed their checksum: the next attempt fetches them anew.

@@ -164,7 +164,8 @@ class Replication:
                 await self._give_up_on_lost_targets(active)
                 for child in [c for c in active if reg.get_op(c).terminal]:
                     target, source = active.pop(child)
-                    self.load[source] -= 1
+                    if source:
+                        self.load[source] -= 1
                     self._settle(reg.get_op(child), target, source, pending)
         except asyncio.CancelledError:
             raise  # the head is stopping: the op stays open and resumes after the restart
@@ -197,6 +198,13 @@ class Replication:
         for _ in range(len(pending)):
             target = pending.popleft()
             node = target.partition(":")[0]
+            running = _open_writer(self.head, self.model, target)
+            if running is not None:
+                # Already being written (the seed download, another request): follow that op;
+                # it takes no holder's slot.
+                active[running.op_id] = (target, "")
+                busy_nodes.add(node)
+                continue
             sources = [
                 h
                 for h in self._holders()
@@ -281,12 +289,13 @@ class Replication:
             self.results[target] = {
                 "state": "succeeded",
                 "op_id": child.op_id,
-                "from": result.get("from_peer") or source,
+                "from": result.get("from_peer") or source or str(child.args.get("source_url", "")),
                 "seconds": round((child.finished_at or 0) - (child.started_at or child.created_at), 3),
             }
             return
         self.attempts[target] += 1
-        self.failed_sources[target].add(source)
+        if source:
+            self.failed_sources[target].add(source)
         message = child.error.message if child.error else child.state
         if child.state == "cancelled" or self.attempts[target] >= MAX_ATTEMPTS:
             self.results[target] = {"state": "failed", "op_id": child.op_id, "error": message}
