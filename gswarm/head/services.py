@@ -12,7 +12,7 @@ from gswarm.devices import Device, parse_device, validate_model_name
 from gswarm.errors import BadRequest, Conflict, InsufficientSpace, NotFound
 from gswarm.head.app import HEAD_KEY, Head
 from gswarm.head.routes import Submitted, _query_int, json_response, read_json, submitted_response
-from gswarm.head.transfers import _open_writer, _require_node, _where, _writing
+from gswarm.head.transfers import _open_writer, _require_node, _where, _writing, write_result_hook
 from gswarm.protocol import Event, Failed, Op, Succeeded, service_id
 
 
@@ -115,6 +115,7 @@ async def start_load(
     args = {
         "model_name": model,
         "gpu": dev.gpu_index,
+        "tier": dev.tier,
         "source_tier": src.tier,
         "remove_source": remove_source,
     }
@@ -266,30 +267,6 @@ async def submit_health_check(head: Head, body: HealthBody) -> Submitted:
     return Submitted(op)
 
 
-def _on_load_result(head: Head) -> Any:
-    def hook(op: Op, msg: Succeeded | Failed) -> list[Event]:
-        reg = head.registry
-        model = str(op.args.get("model_name"))
-        device = f"{op.node_id}:gpu{op.args.get('gpu')}"
-        events: list[Event] = []
-        if isinstance(msg, Succeeded):
-            r = msg.result
-            events.extend(
-                reg.set_location(
-                    model, device, "ready", size=int(r.get("size", 0)), path=str(r.get("path", ""))
-                )
-            )
-            if r.get("removed_source"):
-                events.extend(reg.remove_location(model, f"{op.node_id}:{r.get('source_tier')}"))
-        else:
-            loc = reg.locations.get((model, device))
-            if loc is not None and loc.op_id == op.op_id and loc.state != "ready":
-                events.extend(reg.remove_location(model, device))
-        return events
-
-    return hook
-
-
 def _on_stop_result(head: Head) -> Any:
     def hook(op: Op, msg: Succeeded | Failed) -> list[Event]:
         if isinstance(msg, Succeeded) or (msg.error.code == "service_not_found"):
@@ -309,5 +286,5 @@ def setup(app: web.Application) -> None:
     r.add_get("/services", list_services)
     r.add_get("/logs/{model_name}/{device}", logs)
     r.add_post("/health_check", health_check)
-    head.dispatcher.on_result("load", _on_load_result(head))
+    head.dispatcher.on_result("load", write_result_hook(head))
     head.dispatcher.on_result("stop", _on_stop_result(head))

@@ -414,7 +414,10 @@ async def delete_model(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- result hooks
 
 
-def _on_write_result(head: Head) -> Any:
+def write_result_hook(head: Head) -> Any:
+    """The result hook of every op that writes a copy (download, copy, fetch, load): the
+    location becomes ready, or goes if the write failed; a move drops its source."""
+
     def hook(op: Op, msg: Succeeded | Failed) -> list[Event]:
         reg = head.registry
         model = str(op.args.get("model_name"))
@@ -474,7 +477,7 @@ def setup(app: web.Application) -> None:
     r.add_post("/move", move)
     r.add_delete("/models/{model_name}/locations/{device}", delete_location)
     r.add_delete("/models/{model_name}", delete_model)
-    head.dispatcher.on_result("download", _on_write_result(head))
-    head.dispatcher.on_result("copy", _on_write_result(head))
-    head.dispatcher.on_result("fetch", _on_write_result(head))
+    head.dispatcher.on_result("download", write_result_hook(head))
+    head.dispatcher.on_result("copy", write_result_hook(head))
+    head.dispatcher.on_result("fetch", write_result_hook(head))
     head.dispatcher.on_result("delete", _on_delete_result(head))
