@@ -61,8 +61,8 @@ class AgentConnection:
         """Send one message; a dead socket is logged, not raised (the op is re-sent later)."""
         data = encode(msg).decode()
         try:
-            async with self._send_lock:
-                await asyncio.wait_for(self.ws.send_str(data), 10.0)
+            async with self._send_lock, asyncio.timeout(10.0):  # no extra task per message
+                await self.ws.send_str(data)
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
             log.info("send to %s failed: %s", self.node_id, exc)
 
