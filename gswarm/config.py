@@ -6,7 +6,7 @@ No I/O here except reading the environment and, in `load_tokens`, one small file
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import msgspec
@@ -75,15 +75,12 @@ class Settings:
     """Client-side timeout of one REST request."""
     sweep_interval: float = 0.5
     """How often the head checks liveness and op deadlines."""
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, **overrides: float | int | None) -> Settings:
         """Defaults, then `GSWARM_*` environment variables, then explicit non-None overrides."""
         settings = cls()
         for f in fields(cls):
-            if f.name == "extra":
-                continue
             raw = os.environ.get(f"GSWARM_{f.name.upper()}")
             if raw is not None:
                 kind = type(getattr(settings, f.name))

@@ -95,13 +95,6 @@ class InsufficientSpace(GswarmError):
     default_code = "insufficient_space"
 
 
-class OpFailed(GswarmError):
-    """An operation ended in failure or was cancelled (client side, when waiting on it)."""
-
-    status = 500
-    default_code = "op_failed"
-
-
 _BY_STATUS: dict[int, type[GswarmError]] = {
     cls.status: cls
     for cls in (

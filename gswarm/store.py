@@ -97,7 +97,6 @@ class Store:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.batches_written = 0
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -205,7 +204,6 @@ class Store:
                 )
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(batch[-1].seq),))
         conn.execute("COMMIT")
-        self.batches_written += 1
 
     # ------------------------------------------------------------ reads (call in a thread)
 

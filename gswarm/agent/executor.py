@@ -87,11 +87,6 @@ class OpContext:
             if self._send is not None:
                 self._send(self.snapshot())
 
-    def advance(self, delta: int) -> None:
-        """Add to `done` (thread-safe enough for one writer per op)."""
-        self.done += delta
-        self.dirty = True
-
     def snapshot(self) -> Progress:
         """The progress message to send now, with a smoothed rate."""
         if self.progress_source is not None:

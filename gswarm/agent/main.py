@@ -73,13 +73,10 @@ class Agent:
         log_dir = disk_dir / ".gswarm-logs"
         self.gpu_pool = GpuPool(self.gpus, log_dir, self._gpu_lost)
         self.services = serving.ServiceManager(self, serving_config or serving.ServingConfig(), log_dir)
-        self.executor = Executor(self, self._send, self.settings.progress_interval)
+        self.executor = Executor(self, self.send, self.settings.progress_interval)
         self.session = Session(head_url, self.settings, self._hello, self._on_message, self._on_connected)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-
-    def _send(self, msg: Any) -> None:
-        self.session.send(msg)
 
     def send(self, msg: Any) -> None:
         """Send a message to the head now (dropped while disconnected; Hello resyncs)."""
@@ -153,7 +150,7 @@ class Agent:
             await asyncio.sleep(self.settings.heartbeat_interval)
             if self.session.connected.is_set():
                 try:
-                    self._send(Heartbeat(inventory=await self.inventory()))
+                    self.send(Heartbeat(inventory=await self.inventory()))
                 except OSError as exc:
                     log.warning("inventory read failed: %s", exc)
 

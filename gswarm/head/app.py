@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -262,16 +261,3 @@ class HeadServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-
-@contextlib.asynccontextmanager
-async def running_head(
-    state_dir: Path, host: str = "127.0.0.1", port: int = 0, settings: Settings | None = None
-) -> AsyncIterator[HeadServer]:
-    """A head for the duration of a block."""
-    server = HeadServer(state_dir, host, port, settings)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
