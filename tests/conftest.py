@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -243,12 +244,12 @@ def tiny_repo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture
-async def hub(tiny_repo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    """A Hub-compatible server serving `org/tiny`; HF_ENDPOINT points at it."""
+@contextlib.asynccontextmanager
+async def running_hub(repos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    """The test suite's Hub serving each directory as a repo; HF_ENDPOINT points at it."""
     from tests.hubserver import HubRepo, HubServer
 
-    server = HubServer([HubRepo.from_dir("org/tiny", tiny_repo_dir)])
+    server = HubServer([HubRepo.from_dir(repo_id, path) for repo_id, path in repos.items()])
     url = await server.start()
     await server.wait_hashed()
     monkeypatch.setenv("HF_ENDPOINT", url)
@@ -258,6 +259,20 @@ async def hub(tiny_repo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def hub(tiny_repo_dir: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    """A Hub-compatible server serving `org/tiny`; HF_ENDPOINT points at it."""
+    async with running_hub({"org/tiny": tiny_repo_dir}, monkeypatch) as server:
+        yield server
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
 
-from tests.conftest import Cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import Cli, free_port
 
 
 def _node_status(cli: Cli, url: str, node: str) -> str:
@@ -35,7 +28,7 @@ def _wait_status(cli: Cli, url: str, node: str, status: str, timeout: float) -> 
 def test_original_quick_start(cli: Cli) -> None:
     """`gsmodel head --port P`, `gsmodel client URL --node-id worker1`, register, list:
     as the original README wrote them, no token typed."""
-    port = _free_port()
+    port = free_port()
     head = cli.spawn("head", "--port", str(port), name="head")
     head.wait_output("listening on")
     url = f"http://localhost:{port}"
@@ -95,7 +88,7 @@ def test_sigkilled_agent_goes_offline_and_returns(cli: Cli) -> None:
 
 
 def test_head_restart_keeps_registry_and_agents_return(cli: Cli) -> None:
-    port = _free_port()
+    port = free_port()
     head, url = cli.start_head(port)
     cli.spawn("client", url, "--node-id", "w1", name="agent")
     _wait_status(cli, url, "w1", "online", 15)
@@ -127,7 +120,7 @@ def test_duplicate_node_id_agent_exits_with_reason(cli: Cli) -> None:
 
 
 def test_up_runs_head_and_local_agent(cli: Cli) -> None:
-    port = _free_port()
+    port = free_port()
     up = cli.spawn("up", "--port", str(port), "--node-id", "local", name="up")
     up.wait_output("up: head")
     url = f"http://127.0.0.1:{port}"

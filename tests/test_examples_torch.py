@@ -17,7 +17,7 @@ import pytest
 from gswarm.client import GswarmClient
 from gswarm.head.app import HeadServer
 from gswarm.protocol import Job
-from tests.conftest import AgentRunner, wait_for
+from tests.conftest import AgentRunner, running_hub, wait_for
 from tests.test_serving_torch import tiny_llm  # noqa: F401 (fixture)
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -46,21 +46,9 @@ pytestmark = [
 
 @pytest.fixture
 async def example_hub(tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:  # noqa: F811
-    from tests.hubserver import HubRepo, HubServer
-
-    server = HubServer(
-        [
-            HubRepo.from_dir("meta-llama/Llama-2-7b-hf", tiny_llm),
-            HubRepo.from_dir("stabilityai/stable-diffusion-2-1", tiny_llm),
-        ]
-    )
-    url = await server.start()
-    await server.wait_hashed()
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    try:
+    repos = {"meta-llama/Llama-2-7b-hf": tiny_llm, "stabilityai/stable-diffusion-2-1": tiny_llm}
+    async with running_hub(repos, monkeypatch) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 async def _run(client: GswarmClient, name: str) -> Job:

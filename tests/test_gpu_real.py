@@ -12,8 +12,8 @@ import pytest
 from gswarm.agent.gpu import GpuProbe
 from gswarm.client import GswarmClient
 from gswarm.head.app import HeadServer
-from tests.conftest import AgentRunner
-from tests.test_serving_torch import _post, free_port, llm_hub, tiny_llm  # noqa: F401 (fixtures)
+from tests.conftest import AgentRunner, free_port
+from tests.test_serving_torch import _post, llm_hub, tiny_llm  # noqa: F401 (fixtures)
 
 
 def _gpus() -> int:

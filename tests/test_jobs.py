@@ -19,7 +19,7 @@ from gswarm.client import GswarmClient
 from gswarm.errors import InvalidWorkflow
 from gswarm.head.app import HeadServer
 from gswarm.protocol import Job
-from tests.conftest import AgentRunner, Cli, tree_bytes, wait_for
+from tests.conftest import AgentRunner, Cli, free_port, tree_bytes, wait_for
 from tests.hubserver import HubRepo, ThreadedHubServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -157,14 +157,14 @@ async def test_dag_runs_models_in_parallel_and_in_order(
             "action": "serve",
             "model": "llama-7b",
             "device": "node1:disk",
-            "port": _port(),
+            "port": free_port(),
             "backend": "pyhttp",
         },
         {
             "action": "serve",
             "model": "stable-diffusion",
             "device": "node2:disk",
-            "port": _port(),
+            "port": free_port(),
             "backend": "pyhttp",
         },
     ]
@@ -187,14 +187,6 @@ async def test_dag_runs_models_in_parallel_and_in_order(
     assert kinds.count("job.updated") >= 3 and "job.action" in kinds
     for s in await client.list_services():
         await client.stop_service(s.model, s.device, wait=True)
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_failure_skips_dependents_unless_continue_on_error(
@@ -289,7 +281,7 @@ def test_head_killed_mid_job_finishes_after_restart(cli: Cli, tiny_repo_dir: Pat
     hub = ThreadedHubServer([HubRepo.from_dir("org/tiny", tiny_repo_dir)], rate_limit=20 << 20)
     hub.start()
     try:
-        port = _port()
+        port = free_port()
         head, url = cli.start_head(port)
         cli.spawn("client", url, "--node-id", "n1", env={"HF_ENDPOINT": hub.url}, name="agent")
         deadline = time.monotonic() + 15

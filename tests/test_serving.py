@@ -18,7 +18,7 @@ from gswarm.agent.serving import ServingConfig, Template
 from gswarm.client import GswarmClient
 from gswarm.errors import BadRequest, Conflict, InsufficientSpace, NotFound
 from gswarm.head.app import HeadServer
-from tests.conftest import AgentRunner, wait_for
+from tests.conftest import AgentRunner, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,12 +35,6 @@ CONFIG = ServingConfig(
     max_restarts=2,
     stop_grace=3,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,7 +21,7 @@ import pytest
 
 from gswarm.client import GswarmClient
 from gswarm.head.app import HeadServer
-from tests.conftest import AgentRunner, wait_for
+from tests.conftest import AgentRunner, free_port, running_hub, wait_for
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -43,22 +42,8 @@ def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def llm_hub(tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    from tests.hubserver import HubRepo, HubServer
-
-    server = HubServer([HubRepo.from_dir("org/tiny-llm", tiny_llm)])
-    url = await server.start()
-    await server.wait_hashed()
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    try:
+    async with running_hub({"org/tiny-llm": tiny_llm}, monkeypatch) as server:
         yield server
-    finally:
-        await server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _post(url: str, body: dict[str, Any]) -> Any:
