@@ -256,9 +256,7 @@ class Replication:
             return await head.dispatcher.submit(
                 "copy", dev.node, local, None, _writing(head, self.model, target, "copying")
             )
-        peers = [
-            p for p in peer_sources(head, self.model, dev.node, first=source) if p["node_id"] != dev.node
-        ]
+        peers = peer_sources(head, self.model, dev.node, first=source)
         args = {
             "model_name": self.model,
             "tier": dev.tier,

@@ -208,7 +208,7 @@ async def submit_download(head: Head, body: DownloadBody) -> Submitted:
         "bandwidth_limit": body.bandwidth_limit,
     }
     if body.prefer_peer and not body.allow_patterns and not body.ignore_patterns:
-        args["peers"] = [p for p in peer_sources(head, model, dev.node) if p["node_id"] != dev.node]
+        args["peers"] = peer_sources(head, model, dev.node)
     if loc is not None and loc.state == "ready":
         return Submitted(_already_there(head, "download", dev.node, args, loc), 200)
     running = _open_writer(head, model, device)
