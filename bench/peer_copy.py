@@ -13,11 +13,12 @@ What it measures, all in one run on this machine:
     the n2 copy is deleted between runs, not timed), and the anchor: `curl` fetching the same
     files (n1's published copy) from a plain file server on loopback into a fresh directory on
     the same disk, once sequentially (one curl process, one connection at a time) and once
-    with `--parallel --parallel-max 8` (gswarm's range downloader runs 8 connections). The
+    with `--parallel --parallel-max 8` (gswarm runs up to 8 range streams, one per core). The
     plain file server is a minimal aiohttp app in its own process (this file, role `_serve`)
     answering every GET with `web.FileResponse` (sendfile, 1 MiB chunks), the same machinery
     as gswarm's data server without the grant check; nginx is not assumed to be installed.
-    `sync` (not timed) runs before every timed run; the source stays in the page cache.
+    `sync` (not timed) runs before every timed run; the source stays in the page cache. The
+    order of the three rotates from round to round (see bench/README.md for why it matters).
 (b) replication: N agents, each with its own disk tier and `--data-bandwidth CAP`, and the test
     Hub server (`tests/hubserver.py --rate-limit CAP`) serving a generated repo, so every uplink
     (the Hub's and each data server's) has the same cap and the Hub link is the bottleneck.
@@ -637,18 +638,20 @@ class Bench:
                 op = await asyncio.wait_for(client.copy(model, "n1:disk", "n2:disk", wait=True), timeout)
                 sample.op = self.check(op, "gswarm copy")
 
-            sample = await self.timed(nbytes, gswarm_copy)
-            assert sample.op is not None
-            size = int((sample.op.result or {}).get("size", -1))
-            if size != nbytes:
-                raise BenchError(f"the copy reports {size} bytes, expected {nbytes}")
-            await asyncio.sleep(0.3)  # the last progress events
-            transfer, verify = self.fetch_parts(sample.op)
-            sample.parts = {"transfer": transfer, "verify": verify}
-            gs.samples.append(sample)
-            self.check(await client.delete_location(model, "n2:disk", wait=True), "deleting n2:disk")
-            for series, parallel in ((seq, False), (par, True)):
-                dest = self.tmp / f"curl-{i}"
+            async def run_gswarm() -> None:
+                sample = await self.timed(nbytes, gswarm_copy)
+                assert sample.op is not None
+                size = int((sample.op.result or {}).get("size", -1))
+                if size != nbytes:
+                    raise BenchError(f"the copy reports {size} bytes, expected {nbytes}")
+                await asyncio.sleep(0.3)  # the last progress events
+                transfer, verify = self.fetch_parts(sample.op)
+                sample.parts = {"transfer": transfer, "verify": verify}
+                gs.samples.append(sample)
+                self.check(await client.delete_location(model, "n2:disk", wait=True), "deleting n2:disk")
+
+            async def run_curl(series: Series, parallel: bool, round_no: int = i) -> None:
+                dest = self.tmp / f"curl-{round_no}"
                 dest.mkdir()
                 argv = ["curl", "-s", "-f", "--noproxy", "*"]
                 if parallel:
@@ -656,7 +659,7 @@ class Bench:
                 for name, _ in files:
                     argv += ["-o", str(dest / name), f"{url}/{name}"]
 
-                async def curl(sample: Sample, argv: list[str] = argv) -> None:
+                async def curl(sample: Sample) -> None:
                     await run_tool(argv, timeout)
 
                 series.samples.append(await self.timed(nbytes, curl))
@@ -664,6 +667,13 @@ class Bench:
                 if got != nbytes:
                     raise BenchError(f"{series.name} wrote {got} bytes, expected {nbytes}")
                 await asyncio.to_thread(shutil.rmtree, dest)
+
+            # Each round rotates who goes first: what ran just before (and freed its 2 GiB of
+            # page cache) changes what the next writer pays for fresh memory on this VM.
+            contenders = [run_gswarm, lambda: run_curl(seq, False), lambda: run_curl(par, True)]
+            for run in contenders[i % 3 :] + contenders[: i % 3]:
+                await run()
+            transfer, verify = gs.samples[-1].parts["transfer"], gs.samples[-1].parts["verify"]
             label = f"warm-up {i + 1}" if i < args.warmup else f"run {i + 1 - args.warmup}"
             log(
                 f"(a) {label}: gswarm {gs.samples[-1].gbps:.2f} GB/s (transfer {transfer:.2f} s, "
