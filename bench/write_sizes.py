@@ -1,0 +1,196 @@
+"""Page-cache write sizes: what it costs to receive bytes over loopback and write them to fresh
+files, by the size of each write, next to curl and gswarm's range downloader.
+
+    python bench/write_sizes.py [--gib 2] [--runs 3] [--sizes 16K,32K,64K,1M] [--tmp-dir DIR]
+
+Why: the kernel sizes new page-cache folios by the write, and on a VM that returns free memory
+to its host (virtio-balloon free page reporting) large folios come from memory the host took
+back, which faults in again on first touch. gswarm's downloader writes 32 KiB at a time
+because of what this measures; on bare metal the sizes should cost about the same.
+
+Each round (the order rotates) fetches the same files from a plain aiohttp `FileResponse`
+server (bench/peer_copy.py's `_serve` role) into a fresh directory on the same disk, after
+`sync` and the removal of the previous round's files:
+  - `curl` (sequential, one connection), the anchor;
+  - one Python thread, `readinto` a 1 MiB buffer, `pwrite` in pieces of each size (no hash);
+  - gswarm's `RangeDownloader` with its defaults (streams, reads, writes, sha256 of every byte).
+Wall time and the receiver's user and system CPU (the server's is not counted) are reported as
+medians. Exit status 0, or 2 when something fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gswarm.agent.transfer import ByteCounter, RangeDownloader, RemoteFile  # noqa: E402
+
+MIB = 1 << 20
+SHARDS = 8
+
+Timing = tuple[float, float, float]
+"""(wall, user, system) seconds."""
+
+
+def parse_size(text: str) -> int:
+    """`16K` -> 16384, `1M` -> 1048576, `4096` -> 4096."""
+    units = {"K": 1 << 10, "M": 1 << 20}
+    if text[-1:].upper() in units:
+        return int(text[:-1]) * units[text[-1].upper()]
+    return int(text)
+
+
+def write_source(directory: Path, total: int) -> list[tuple[str, int]]:
+    """SHARDS files of random bytes adding up to `total`."""
+    directory.mkdir(parents=True)
+    files = []
+    per = total // SHARDS
+    for i in range(SHARDS):
+        name = f"shard-{i}.bin"
+        with open(directory / name, "wb") as fh:
+            for _ in range(per // (8 * MIB)):
+                fh.write(os.urandom(8 * MIB))
+            fh.write(os.urandom(per % (8 * MIB)))
+        files.append((name, per))
+    return files
+
+
+def timed(fn: Callable[[], None], who: int) -> Timing:
+    """Run `fn`, measuring wall time and the CPU of `who` (RUSAGE_SELF or RUSAGE_CHILDREN)."""
+    before = resource.getrusage(who)
+    t0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(who)
+    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+
+
+def receive_with_writes(url: str, files: list[tuple[str, int]], dest: Path, piece: int) -> None:
+    """One connection, files one after another, `pwrite` in pieces of `piece` bytes."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=60)
+    buf = bytearray(MIB)
+    mv = memoryview(buf)
+    try:
+        for name, size in files:
+            conn.request("GET", f"/{name}")
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise RuntimeError(f"{name}: HTTP {resp.status}")
+            fd = os.open(dest / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                pos = 0
+                while pos < size:
+                    n = resp.readinto(mv[: min(MIB, size - pos)])
+                    if not n:
+                        raise RuntimeError(f"{name}: the server stopped at byte {pos}")
+                    for off in range(0, n, piece):
+                        os.pwrite(fd, mv[off : min(n, off + piece)], pos + off)
+                    pos += n
+            finally:
+                os.close(fd)
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the rounds and print the table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gib", type=float, default=2.0, help="bytes per round, GiB [2]")
+    parser.add_argument("--runs", type=int, default=3, help="rounds [3]")
+    parser.add_argument("--sizes", default="16K,32K,64K,1M", help="write sizes to try [16K,32K,64K,1M]")
+    parser.add_argument("--tmp-dir", type=Path, default=None, help="where on disk to work [system temp]")
+    args = parser.parse_args(argv)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    if shutil.which("curl") is None:
+        print("curl is needed for the anchor", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="gswarm-bench-writes-", dir=args.tmp_dir))
+    server: subprocess.Popen[str] | None = None
+    try:
+        files = write_source(tmp / "src", int(args.gib * (1 << 30)))
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "peer_copy.py"), "_serve", str(tmp / "src")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        if not url.startswith("http://"):
+            print("the file server did not start", file=sys.stderr)
+            return 2
+        dest = tmp / "dest"
+
+        def curl() -> None:
+            cmd = ["curl", "-s", "-f", "--noproxy", "*"]
+            for name, _ in files:
+                cmd += ["-o", str(dest / name), f"{url}/{name}"]
+            subprocess.run(cmd, check=True)
+
+        def gswarm() -> None:
+            wanted = [RemoteFile(rel=n, url=f"{url}/{n}", size=s) for n, s in files]
+            RangeDownloader(dest, {}, ByteCounter(), threading.Event()).run(wanted)
+
+        contenders: list[tuple[str, Callable[[], None], int]] = [("curl", curl, resource.RUSAGE_CHILDREN)]
+        for piece in sizes:
+            label = (
+                f"python, {piece >> 10} KiB writes" if piece < MIB else f"python, {piece >> 20} MiB writes"
+            )
+            contenders.append(
+                (
+                    label,
+                    lambda piece=piece: receive_with_writes(url, files, dest, piece),
+                    resource.RUSAGE_SELF,
+                )
+            )
+        contenders.append(("gswarm RangeDownloader", gswarm, resource.RUSAGE_SELF))
+        results: dict[str, list[Timing]] = {name: [] for name, _, _ in contenders}
+        for r in range(args.runs):
+            order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
+            for name, fn, who in order:
+                shutil.rmtree(dest, ignore_errors=True)
+                dest.mkdir()
+                os.sync()
+                results[name].append(timed(fn, who))
+            print(
+                f"round {r + 1}: " + ", ".join(f"{n} {t[-1][0]:.2f} s" for n, t in results.items()),
+                file=sys.stderr,
+            )
+        nbytes = sum(s for _, s in files)
+        print(
+            f"\n{nbytes / (1 << 30):.2f} GiB per round, medians of {args.runs} rounds (receiver's CPU only)"
+        )
+        print(f"{'':28s} {'wall':>7s} {'user':>7s} {'system':>7s} {'GB/s':>6s}")
+        for name, timings in results.items():
+            wall, user, system = (statistics.median(t[i] for t in timings) for i in range(3))
+            print(f"{name:28s} {wall:6.2f}s {user:6.2f}s {system:6.2f}s {nbytes / wall / 1e9:6.2f}")
+        return 0
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
