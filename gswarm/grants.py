@@ -3,6 +3,10 @@ model's files from another node's data server. No I/O.
 
 A grant reads `<base64url claims>.<base64url signature>`; the claims name the model, the node
 serving it, the node fetching it, and when the grant expires.
+
+Each data server checks grants with a key of its own, derived from the head's secret and its
+node id; the head gives each agent only that key. So an agent can check grants for its own data
+server, but cannot mint one that another node's data server would accept.
 """
 
 from __future__ import annotations
@@ -34,8 +38,14 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def node_key(secret: str, node_id: str) -> str:
+    """The key that node `node_id`'s data server checks grants with (hex)."""
+    return hmac.new(secret.encode(), f"gswarm data server {node_id}".encode(), hashlib.sha256).hexdigest()
+
+
 def mint(key: str, model: str, source: str, target: str, ttl: float) -> str:
-    """A token letting `target` fetch `model` from `source` for `ttl` seconds."""
+    """A token letting `target` fetch `model` from `source` for `ttl` seconds; `key` is the
+    source's `node_key`."""
     claims = msgspec.json.encode(Grant(model=model, source=source, target=target, exp=time.time() + ttl))
     sig = hmac.new(key.encode(), claims, hashlib.sha256).digest()
     return f"{_b64(claims)}.{_b64(sig)}"

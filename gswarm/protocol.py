@@ -310,6 +310,7 @@ class Welcome(msgspec.Struct, tag="welcome", tag_field="type"):
     heartbeat_interval: float
     server_time: float
     transfer_key: str = ""
+    """The key this node's data server checks transfer grants with (its own, see grants.py)."""
 
 
 class Command(msgspec.Struct, tag="command", tag_field="type", omit_defaults=True):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from aiohttp import WSMsgType, web
 
-from gswarm import PROTOCOL_VERSION
+from gswarm import PROTOCOL_VERSION, grants
 from gswarm.devices import NODE_ID_RE
 from gswarm.protocol import (
     Accepted,
@@ -195,7 +195,7 @@ class AgentHub:
                 node_id=hello.node_id,
                 heartbeat_interval=head.settings.heartbeat_interval,
                 server_time=time.time(),
-                transfer_key=head.tokens.transfer_key,
+                transfer_key=grants.node_key(head.tokens.transfer_key, hello.node_id),
             )
         )
         log.info("agent %s connected from %s", hello.node_id, peer)

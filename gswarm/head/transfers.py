@@ -169,7 +169,9 @@ def peer_sources(head: Head, model: str, target_node: str, first: str | None = N
             "node_id": node_id,
             "url": url,
             "tier": tier,
-            "token": grants.mint(head.tokens.transfer_key, model, node_id, target_node, GRANT_TTL),
+            "token": grants.mint(
+                grants.node_key(head.tokens.transfer_key, node_id), model, node_id, target_node, GRANT_TTL
+            ),
         }
         for _, _, _, _, node_id, tier, url in holders
     ]
