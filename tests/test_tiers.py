@@ -4,8 +4,12 @@ and dram; delete; locations; and the bad input around them."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +232,54 @@ async def test_not_enough_space_fails_before_any_byte(
     await client.probe("w1", wait=True)
     with pytest.raises(InsufficientSpace):
         await client.download("tiny", "org/tiny", "w1:disk")
+
+
+def _fill(path: Path) -> None:
+    """Write zeros to `path` until its filesystem is full."""
+    block = bytes(1 << 20)
+    with open(path, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(block)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a small tmpfs needs root"
+)
+async def test_disk_filling_up_mid_download_is_507_and_keeps_what_arrived(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, hub: Any, tmp_path: Path
+) -> None:
+    # The node's disk tier is a 96 MiB filesystem: room for the 70 MiB model when the download
+    # starts, then something else on the node fills it while the bytes arrive.
+    disk = tmp_path / "nodes" / "w1" / "disk"
+    disk.mkdir(parents=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(disk)]
+    await asyncio.to_thread(subprocess.run, mount, check=True)
+    try:
+        agent = await agents.start(head, "w1")
+        hub.rate_limit = 20 << 20
+        op = await client.download("tiny", "org/tiny", "w1:disk")
+        await wait_for(lambda: head.head.registry.ops[op.op_id].progress.done > 4 << 20, timeout=20)
+        await asyncio.to_thread(_fill, disk / "someone-else.bin")
+        done = await client.wait_op(op.op_id, timeout=30)
+        assert done.state == "failed" and done.error is not None
+        assert done.error.code == "insufficient_space", done.error
+        assert "no space left writing" in done.error.message
+        store = agent.stores["disk"]
+        assert not store.model_dir("tiny").exists()
+        assert store.partial_dir("tiny").exists()  # kept: a retry resumes
+        assert (await client.get_model("tiny")).locations == []
+        # Space comes back; the same download resumes and completes.
+        (disk / "someone-else.bin").unlink()
+        again = await client.download("tiny", "org/tiny", "w1:disk", wait=True)
+        assert again.state == "succeeded"
+        assert (store.model_dir("tiny") / "model.safetensors").stat().st_size == BIG_FILE_BYTES
+    finally:
+        await agents.stop_all()
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(disk)], check=False)
 
 
 async def test_full_target_on_copy_is_507(

@@ -7,6 +7,7 @@ half-done is ever visible as a copy. Ops on the same model and tier are serialis
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,7 @@ from gswarm.agent.transfer import (
     fetch_json,
     hash_manifest,
     list_local,
+    local_write_error,
     resolve_http,
     resolve_hub,
     run_blocking,
@@ -154,6 +156,10 @@ async def _new_copy(
             # A cancelled download gives its space back; a crash keeps it for resuming.
             await asyncio.to_thread(store.discard_partial, model)
             raise
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise local_write_error(exc, f"{model} to {store.name}") from None
         return _result(store, model, path, manifest, from_peer=ctx.peer)
 
 

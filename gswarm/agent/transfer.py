@@ -17,6 +17,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from gswarm.agent.stores import ManifestFile, safe_relpath
-from gswarm.errors import BadRequest, GswarmError, NotFound
+from gswarm.errors import BadRequest, GswarmError, InsufficientSpace, NotFound
 from gswarm.sources import HttpSource, HubSource
 
 T = TypeVar("T")
@@ -68,6 +69,18 @@ class TransferError(GswarmError):
     """A transfer failed (source error, network, verification)."""
 
     default_code = "transfer_failed"
+
+
+def local_write_error(exc: OSError, what: str) -> GswarmError:
+    """A failed write on this node as the error to report: 507 when the filesystem is full,
+    else a transfer failure naming the cause (never a network error to retry)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpace(
+            f"no space left writing {what} ({reason}); what was written is kept, and a retry "
+            "resumes once space is freed",
+        )
+    return TransferError(f"writing {what} failed: {reason}", code="write_failed")
 
 
 class Cancelled(Exception):
@@ -689,8 +702,11 @@ class RangeDownloader:
                     n = resp.readinto(mv[: min(step, want)])
                     if not n:
                         raise http.client.IncompleteRead(b"", want)
-                    for o in range(0, n, WRITE_BYTES):
-                        os.pwrite(fd, mv[o : min(n, o + WRITE_BYTES)], pos + o)
+                    try:
+                        for o in range(0, n, WRITE_BYTES):
+                            os.pwrite(fd, mv[o : min(n, o + WRITE_BYTES)], pos + o)
+                    except OSError as exc:
+                        raise local_write_error(exc, f.rel) from None
                     w.hash.feed(pos, mv[:n])
                     pos += n
                     want -= n
