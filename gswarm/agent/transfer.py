@@ -362,8 +362,8 @@ class _State:
 
 class _FileHash:
     """A file's running checksums, advanced strictly in file order by whichever thread has the
-    bytes at the frontier: the worker that just received them (from its buffer, still in the
-    CPU cache) or a catch-up read of bytes already written."""
+    bytes at the frontier: the worker that just received them (from its receive buffer, with no
+    read back) or a catch-up read of bytes already written."""
 
     def __init__(self, f: RemoteFile) -> None:
         self.size = f.size or 0
