@@ -38,10 +38,12 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.peer_copy import write_model  # noqa: E402
 from gswarm.agent.transfer import ByteCounter, RangeDownloader, RemoteFile  # noqa: E402
 
 MIB = 1 << 20
 SHARDS = 8
+"""Files of random bytes in the source (plus a small config.json)."""
 
 Timing = tuple[float, float, float]
 """(wall, user, system) seconds."""
@@ -53,21 +55,6 @@ def parse_size(text: str) -> int:
     if text[-1:].upper() in units:
         return int(text[:-1]) * units[text[-1].upper()]
     return int(text)
-
-
-def write_source(directory: Path, total: int) -> list[tuple[str, int]]:
-    """SHARDS files of random bytes adding up to `total`."""
-    directory.mkdir(parents=True)
-    files = []
-    per = total // SHARDS
-    for i in range(SHARDS):
-        name = f"shard-{i}.bin"
-        with open(directory / name, "wb") as fh:
-            for _ in range(per // (8 * MIB)):
-                fh.write(os.urandom(8 * MIB))
-            fh.write(os.urandom(per % (8 * MIB)))
-        files.append((name, per))
-    return files
 
 
 def timed(fn: Callable[[], None], who: int) -> Timing:
@@ -125,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gswarm-bench-writes-", dir=args.tmp_dir))
     server: subprocess.Popen[str] | None = None
     try:
-        files = write_source(tmp / "src", int(args.gib * (1 << 30)))
+        files = write_model(tmp / "src", int(args.gib * (1 << 30)), SHARDS)
         server = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "peer_copy.py"), "_serve", str(tmp / "src")],
             stdout=subprocess.PIPE,
