@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.peer_copy import write_model  # noqa: E402
-from gswarm.agent.transfer import ByteCounter, RangeDownloader, RemoteFile  # noqa: E402
+from gswarm.agent.fetch.common import ByteCounter  # noqa: E402
+from gswarm.agent.fetch.hub import RemoteFile  # noqa: E402
+from gswarm.agent.fetch.ranges import RangeDownloader  # noqa: E402
 
 MIB = 1 << 20
 SHARDS = 8

@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from gswarm.agent.transfer import (
-    ByteCounter,
-    Cancelled,
-    RangeDownloader,
-    RemoteFile,
-    TransferError,
-    verify_files,
-)
+from gswarm.agent.fetch.common import ByteCounter, Cancelled, TransferError
+from gswarm.agent.fetch.hub import RemoteFile
+from gswarm.agent.fetch.ranges import RangeDownloader
+from gswarm.agent.fetch.verify import verify_files
 
 MIB = 1 << 20
 CHUNK = MIB

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from gswarm import grants
+from gswarm.agent.fetch.ranges import DOWNLOAD_PLAN, available_ranges
 from gswarm.agent.stores import MANIFEST_NAME, safe_relpath
-from gswarm.agent.transfer import DOWNLOAD_PLAN, available_ranges
 from gswarm.devices import MODEL_NAME_RE
 from gswarm.errors import Forbidden, GswarmError, NotFound
 from gswarm.protocol import encode

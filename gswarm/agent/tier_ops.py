@@ -18,29 +18,20 @@ from urllib.parse import quote
 import msgspec
 
 from gswarm.agent.executor import OpContext, OpResult, op_handler
-from gswarm.agent.stores import Manifest, ManifestFile, TierStore, safe_relpath
-from gswarm.agent.transfer import (
-    DOWNLOAD_PLAN,
-    DOWNLOAD_STATE,
-    VERIFY_WORKERS,
+from gswarm.agent.fetch.common import (
     ByteCounter,
     Cancelled,
-    FetchPlan,
-    RangeDownloader,
     RateLimit,
-    RemoteFile,
     TransferError,
-    copy_files,
-    fetch_json,
-    hash_manifest,
-    list_local,
     local_write_error,
-    resolve_http,
-    resolve_hub,
     run_blocking,
-    verify_files,
-    write_plan,
 )
+from gswarm.agent.fetch.http_client import fetch_json
+from gswarm.agent.fetch.hub import FetchPlan, RemoteFile, resolve_http, resolve_hub
+from gswarm.agent.fetch.local import copy_files, list_local
+from gswarm.agent.fetch.ranges import DOWNLOAD_PLAN, DOWNLOAD_STATE, RangeDownloader, write_plan
+from gswarm.agent.fetch.verify import VERIFY_WORKERS, hash_manifest, verify_files
+from gswarm.agent.stores import Manifest, ManifestFile, TierStore, safe_relpath
 from gswarm.errors import BadRequest, Conflict, Forbidden, GswarmError, NotFound
 from gswarm.sources import FileSource, HttpSource, HubSource, parse_source
 

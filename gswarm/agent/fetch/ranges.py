@@ -1,42 +1,37 @@
-"""Moving bytes onto a node: resolving a Hub repo, a parallel range downloader, the local
-copy engine, and checksum verification. Everything here blocks and runs in worker threads;
-`run_blocking` bridges to asyncio (cancellation sets a flag the workers check).
+"""The parallel range downloader and its resume state.
 
 Why not `snapshot_download` for the bytes: on loopback it moves 0.3–0.5 GB/s where a plain
 HTTP client moves several GB/s; the Python client, not the wire, is the limit. So
-`huggingface_hub` resolves the repo (files, sizes, hashes, auth, revision) and the bytes go
-through `RangeDownloader`: several threads, each with a keep-alive `http.client` connection,
-reading ranges straight into a reusable buffer (`readinto`, no GIL while waiting) and writing
-them with `pwrite` into a preallocated file. Finished chunks are recorded in a small state
-file, so a killed agent resumes where it stopped.
+`huggingface_hub` resolves the repo (see `hub`) and the bytes go through `RangeDownloader`:
+several threads, each with a keep-alive `http.client` connection, reading ranges straight
+into a reusable buffer (`readinto`, no GIL while waiting) and writing them with `pwrite` into
+a preallocated file. Finished chunks are recorded in a small state file (DOWNLOAD_STATE), so
+a killed agent resumes where it stopped; a plan file (DOWNLOAD_PLAN) says what the download
+will hold, so peers can fetch from it while it runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
-import contextlib
-import errno
 import hashlib
 import http.client
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urljoin, urlsplit
+from typing import Any
 
-from gswarm.agent.stores import ManifestFile, safe_relpath
-from gswarm.errors import BadRequest, GswarmError, InsufficientSpace, NotFound
-from gswarm.sources import HttpSource, HubSource
-
-T = TypeVar("T")
+from gswarm.agent.fetch.common import ByteCounter, Cancelled, RateLimit, TransferError, local_write_error
+from gswarm.agent.fetch.http_client import Connections, content_range_end, http_error, request
+from gswarm.agent.fetch.hub import RemoteFile
+from gswarm.agent.fetch.verify import HASH_READ_BYTES
+from gswarm.errors import GswarmError
 
 CHUNK_BYTES = 32 << 20
+"""Files are fetched (and their progress recorded) in chunks of this many bytes."""
 READ_BYTES = 4 << 20
 """A stream receives this much per read, then hashes and writes it. Measured on 2 cores, 2 GiB
 on loopback: 4 MiB reads 1.6-1.7 s, 1 MiB 1.9 s, 256 KiB 2.0 s, 8 MiB 1.9 s."""
@@ -53,235 +48,16 @@ number of cores only contend (measured on 2 cores: 2 streams 1.9 s, 8 streams 2.
 LIMITED_READ_BYTES = 64 << 10
 """Under a bandwidth limit, reads are at most a tenth of a second's worth (and at least this),
 so a slow limit still paces smoothly."""
-VERIFY_WORKERS = min(4, os.cpu_count() or 1)
-HASH_READ_BYTES = 1 << 20  # measured: larger reads cost more CPU per byte hashed
-COPY_CHUNK_BYTES = 64 << 20
 DOWNLOAD_STATE = ".gswarm-download.json"
+"""In a partial directory: which chunks of which files are written (for resume and for peers)."""
 DOWNLOAD_PLAN = ".gswarm-plan.json"
+"""In a partial directory: the files the download will hold (see `write_plan`)."""
 FLUSH_INTERVAL = 0.25
+"""The state file is rewritten at most this often (seconds) while chunks progress."""
 STALL_TIMEOUT = 20.0
 """A peer still downloading may serve what it has; a wait for bytes that do not come ends
 after this many seconds, and the next peer is tried."""
 _RETRIES = 4
-
-
-class TransferError(GswarmError):
-    """A transfer failed (source error, network, verification)."""
-
-    default_code = "transfer_failed"
-
-
-def local_write_error(exc: OSError, what: str) -> GswarmError:
-    """A failed write on this node as the error to report: 507 when the filesystem is full,
-    else a transfer failure naming the cause (never a network error to retry)."""
-    reason = exc.strerror or str(exc)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientSpace(
-            f"no space left writing {what} ({reason}); what was written is kept, and a retry "
-            "resumes once space is freed",
-        )
-    return TransferError(f"writing {what} failed: {reason}", code="write_failed")
-
-
-class Cancelled(Exception):
-    """The op was cancelled; workers stop at the next read."""
-
-
-class ByteCounter:
-    """A thread-safe running total of bytes moved."""
-
-    def __init__(self, start: int = 0) -> None:
-        self._lock = threading.Lock()
-        self.value = start
-
-    def add(self, n: int) -> None:
-        """Add `n` bytes."""
-        with self._lock:
-            self.value += n
-
-
-class RateLimit:
-    """A bytes/s limit shared by worker threads: each takes its share, then sleeps off any debt."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self._lock = threading.Lock()
-        # Little burst: an idle limiter must not let a second's worth of bytes out at once.
-        self._burst = float(min(rate / 20, 1 << 20))
-        self._tokens = self._burst
-        self._last = time.monotonic()
-
-    def take(self, n: int) -> None:
-        """Account for `n` bytes, sleeping as long as the limit requires."""
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            self._tokens -= n
-            debt = -self._tokens
-        if debt > 0:
-            time.sleep(debt / self.rate)
-
-
-def fetch_json(url: str, headers: dict[str, str], timeout: float = 15.0) -> Any:
-    """GET a small JSON document (blocking); TransferError/NotFound/Forbidden on failure."""
-    conns = _Conn(timeout)
-    try:
-        conn, path = conns.get(url)
-        conn.request("GET", path, headers=headers)
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status >= 400:
-            raise RangeDownloader._http_error(resp.status, resp.reason, url)
-        return json.loads(body)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise TransferError(f"cannot fetch {url}: {exc}", code="source_unreachable") from None
-    finally:
-        conns.close()
-
-
-async def run_blocking(cancel: threading.Event, fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn` in a thread; if the awaiting task is cancelled, set `cancel` and wait for the
-    thread to notice before re-raising, so no worker outlives its op."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        cancel.set()
-        with contextlib.suppress(BaseException):
-            await fut
-        raise
-
-
-# ---------------------------------------------------------------- what to fetch
-
-
-@dataclass
-class RemoteFile:
-    """One file to fetch: where from, where to, and what it must hash to."""
-
-    rel: str
-    url: str
-    size: int | None
-    sha256: str = ""
-    git_sha1: str = ""
-
-
-@dataclass
-class FetchPlan:
-    """A resolved source: its files and the revision they come from."""
-
-    files: list[RemoteFile]
-    revision: str = ""
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        """Bytes to fetch in all (unknown sizes count as 0)."""
-        return sum(f.size or 0 for f in self.files)
-
-
-def hub_endpoint() -> str:
-    """The Hub to talk to: `$HF_ENDPOINT` read now (not at import), else huggingface.co."""
-    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-
-
-def resolve_hub(source: HubSource, allow: list[str] | None, ignore: list[str] | None) -> FetchPlan:
-    """List a Hub repo's files (sizes, hashes) at a revision through huggingface_hub."""
-    from huggingface_hub import HfApi, hf_hub_url
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-    from huggingface_hub.utils import build_hf_headers, filter_repo_objects  # type: ignore[attr-defined]
-
-    endpoint = hub_endpoint()
-    token = os.environ.get("HF_TOKEN") or None
-    api = HfApi(endpoint=endpoint, token=token)
-    try:
-        info = api.model_info(source.repo_id, revision=source.revision, files_metadata=True)
-    except GatedRepoError as exc:
-        raise TransferError(f"{source.repo_id} is gated: accept its terms and set HF_TOKEN ({exc})") from None
-    except RevisionNotFoundError:
-        raise NotFound(
-            f"revision {source.revision!r} of {source.repo_id} not found on {endpoint}",
-            code="revision_not_found",
-        ) from None
-    except (RepositoryNotFoundError, EntryNotFoundError):
-        raise NotFound(
-            f"repository {source.repo_id} not found on {endpoint} (private? set HF_TOKEN)",
-            code="repo_not_found",
-        ) from None
-    except HfHubHTTPError as exc:
-        raise TransferError(f"the Hub at {endpoint} answered: {exc}", code="source_error") from None
-    except OSError as exc:
-        raise TransferError(f"cannot reach the Hub at {endpoint}: {exc}", code="source_unreachable") from None
-    commit = info.sha or source.revision
-    siblings = list(
-        filter_repo_objects(
-            info.siblings or [], allow_patterns=allow, ignore_patterns=ignore, key=lambda s: s.rfilename
-        )
-    )
-    files = []
-    for s in siblings:
-        rel = safe_relpath(s.rfilename)
-        lfs = s.lfs
-        files.append(
-            RemoteFile(
-                rel=rel,
-                url=hf_hub_url(source.repo_id, s.rfilename, revision=commit, endpoint=endpoint),
-                size=lfs.size if lfs is not None else s.size,
-                sha256=lfs.sha256 if lfs is not None else "",
-                git_sha1="" if lfs is not None else (s.blob_id or ""),
-            )
-        )
-    if not files:
-        raise TransferError(f"{source.repo_id}@{source.revision}: no files to download (check the patterns)")
-    headers = build_hf_headers(token=token)
-    return FetchPlan(files=files, revision=commit, headers=headers)
-
-
-def resolve_http(source: HttpSource) -> FetchPlan:
-    """A single-file plan for a plain URL (size learnt when fetching)."""
-    return FetchPlan(files=[RemoteFile(rel=safe_relpath(source.filename), url=source.url, size=None)])
-
-
-# ---------------------------------------------------------------- the range downloader
-
-
-class _Conn:
-    """One keep-alive HTTP connection per worker thread and host."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
-
-    def get(self, url: str) -> tuple[http.client.HTTPConnection, str]:
-        parts = urlsplit(url)
-        scheme = parts.scheme
-        host = parts.hostname or ""
-        port = parts.port or (443 if scheme == "https" else 80)
-        key = (scheme, host, port)
-        conn = self._conns.get(key)
-        if conn is None:
-            cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-            conn = cls(host, port, timeout=self.timeout)
-            self._conns[key] = conn
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        return conn, path
-
-    def drop(self, url: str) -> None:
-        parts = urlsplit(url)
-        for key in [k for k in self._conns if k[1] == parts.hostname]:
-            self._conns.pop(key).close()
-
-    def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
 
 
 class _State:
@@ -531,7 +307,7 @@ class RangeDownloader:
         errors: list[BaseException] = []
 
         def worker() -> None:
-            conns = _Conn(self.timeout)
+            conns = Connections(self.timeout)
             buf = bytearray(READ_BYTES)
             fds: dict[str, int] = {}
             own: _FileWork | None = None
@@ -597,38 +373,13 @@ class RangeDownloader:
                 return
             time.sleep(0.005)
 
-    def _request(
-        self, conns: _Conn, url: str, headers: dict[str, str], method: str = "GET"
-    ) -> tuple[http.client.HTTPResponse, str]:
-        """Send a request, following redirects; returns the response and the final URL.
-        Credentials go only to the origin host, never to a redirect target elsewhere."""
-        origin = urlsplit(url).hostname
-        for _ in range(6):
-            conn, path = conns.get(url)
-            hdrs = headers
-            if urlsplit(url).hostname != origin:
-                hdrs = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-            try:
-                conn.request(method, path, headers=hdrs)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException):
-                conns.drop(url)
-                raise
-            if resp.status in (301, 302, 303, 307, 308):
-                location = resp.getheader("Location") or ""
-                resp.read()
-                url = urljoin(url, location)
-                continue
-            return resp, url
-        raise TransferError(f"too many redirects fetching {url}")
-
     def _probe_size(self, f: RemoteFile) -> None:
-        conns = _Conn(self.timeout)
+        conns = Connections(self.timeout)
         try:
-            resp, _ = self._request(conns, f.url, {**self.headers, "Accept-Encoding": "identity"}, "HEAD")
+            resp, _ = request(conns, f.url, {**self.headers, "Accept-Encoding": "identity"}, "HEAD")
             resp.read()
             if resp.status >= 400:
-                raise self._http_error(resp.status, resp.reason, f.url)
+                raise http_error(resp.status, resp.reason, f.url)
             length = resp.getheader("Content-Length")
             if length is None:
                 raise TransferError(f"{f.url} sends no Content-Length: cannot verify its size")
@@ -646,18 +397,8 @@ class RangeDownloader:
         time.sleep(0.2)
         return waited + 0.2
 
-    @staticmethod
-    def _http_error(status: int, reason: str, url: str) -> GswarmError:
-        if status == 404:
-            return NotFound(f"HTTP 404 {reason} from {url}", code="source_not_found")
-        if status in (401, 403):
-            return TransferError(
-                f"HTTP {status} {reason} from {url} (set HF_TOKEN?)", code="source_forbidden"
-            )
-        return TransferError(f"HTTP {status} {reason} from {url}", code="source_error")
-
     def _fetch_chunk(
-        self, conns: _Conn, buf: bytearray, fd: int, w: _FileWork, index: int, start: int
+        self, conns: Connections, buf: bytearray, fd: int, w: _FileWork, index: int, start: int
     ) -> None:
         f = w.file
         size = f.size or 0
@@ -674,7 +415,7 @@ class RangeDownloader:
                 raise Cancelled()
             headers = {**self.headers, "Range": f"bytes={pos}-{end - 1}", "Accept-Encoding": "identity"}
             try:
-                resp, _ = self._request(conns, f.url, headers)
+                resp, _ = request(conns, f.url, headers)
                 if resp.status == 425:
                     # A peer that is still downloading has not got these bytes yet.
                     resp.read()
@@ -682,13 +423,13 @@ class RangeDownloader:
                     continue
                 if resp.status >= 400:
                     resp.read()
-                    raise self._http_error(resp.status, resp.reason, f.url)
+                    raise http_error(resp.status, resp.reason, f.url)
                 if resp.status == 200 and pos != 0:
                     resp.close()
                     conns.drop(f.url)
                     raise TransferError(f"{f.url} does not support range requests", code="source_error")
                 want = end - pos
-                served = _content_range_end(resp.getheader("Content-Range"))
+                served = content_range_end(resp.getheader("Content-Range"))
                 if resp.status == 206 and served is not None:
                     want = min(want, served + 1 - pos)  # a peer still downloading sends what it has
                 waited = 0.0
@@ -729,16 +470,6 @@ class RangeDownloader:
                 time.sleep(min(2.0, 0.2 * 2**attempt))
 
 
-def _content_range_end(header: str | None) -> int | None:
-    """The last byte of `Content-Range: bytes a-b/size`."""
-    if not header or not header.startswith("bytes ") or "-" not in header:
-        return None
-    try:
-        return int(header[6:].split("/")[0].split("-")[1])
-    except (ValueError, IndexError):
-        return None
-
-
 def write_plan(partial: Path, model: str, files: list[RemoteFile], source: str, revision: str) -> None:
     """Record what a download will hold, so peers can fetch from it while it runs."""
     plan = {
@@ -771,155 +502,3 @@ def available_ranges(partial: Path, rel: str) -> tuple[int, list[tuple[int, int]
         else:
             merged.append((a, b))
     return size, merged
-
-
-# ---------------------------------------------------------------- hashing and verification
-
-
-def _hash_file(path: Path, want_git: bool, cancel: threading.Event) -> tuple[str, str]:
-    sha = hashlib.sha256()
-    git = hashlib.sha1(usedforsecurity=False) if want_git else None
-    size = path.stat().st_size
-    if git is not None:
-        git.update(f"blob {size}\0".encode())
-    buf = bytearray(HASH_READ_BYTES)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            if cancel.is_set():
-                raise Cancelled()
-            n = fh.readinto(buf)
-            if not n:
-                break
-            sha.update(mv[:n])
-            if git is not None:
-                git.update(mv[:n])
-    return sha.hexdigest(), git.hexdigest() if git is not None else ""
-
-
-def verify_files(
-    root: Path,
-    files: list[RemoteFile],
-    cancel: threading.Event,
-    workers: int = VERIFY_WORKERS,
-    hashed: dict[str, tuple[str, str]] | None = None,
-) -> list[ManifestFile]:
-    """Check sizes and hashes of fetched files (`hashed`: digests already taken while they
-    arrived); the manifest entries, or TransferError naming the first file that does not match."""
-
-    def check(f: RemoteFile) -> ManifestFile:
-        path = root / f.rel
-        size = path.stat().st_size
-        if f.size is not None and size != f.size:
-            raise TransferError(f"{f.rel}: size {size} != expected {f.size}", code="verification_failed")
-        known = (hashed or {}).get(f.rel)
-        sha, git = known if known is not None else _hash_file(path, bool(f.git_sha1), cancel)
-        if f.sha256 and sha != f.sha256:
-            raise TransferError(f"{f.rel}: sha256 {sha} != expected {f.sha256}", code="checksum_mismatch")
-        if f.git_sha1 and git != f.git_sha1:
-            raise TransferError(f"{f.rel}: git sha1 {git} != expected {f.git_sha1}", code="checksum_mismatch")
-        return ManifestFile(path=f.rel, size=size, sha256=sha)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(files)))) as pool:
-        return list(pool.map(check, files))
-
-
-def hash_manifest(root: Path, rels: list[str], cancel: threading.Event) -> list[ManifestFile]:
-    """Manifest entries (size, sha256) for files with nothing to verify against."""
-    return verify_files(root, [RemoteFile(rel=r, url="", size=None) for r in rels], cancel)
-
-
-# ---------------------------------------------------------------- local copies
-
-
-def _copy_range(
-    src_fd: int, dst_fd: int, offset: int, length: int, counter: ByteCounter, cancel: threading.Event
-) -> None:
-    end = offset + length
-    pos = offset
-    use_cfr = hasattr(os, "copy_file_range")
-    while pos < end:
-        if cancel.is_set():
-            raise Cancelled()
-        step = min(COPY_CHUNK_BYTES, end - pos)
-        n = 0
-        if use_cfr:
-            try:
-                n = os.copy_file_range(src_fd, dst_fd, step, pos, pos)
-            except OSError:
-                use_cfr = False
-        if not use_cfr:
-            # Across filesystems (disk -> tmpfs) copy_file_range refuses; sendfile still copies
-            # in the kernel. dst_fd is this job's own descriptor, so its offset is ours to set.
-            os.lseek(dst_fd, pos, os.SEEK_SET)
-            n = os.sendfile(dst_fd, src_fd, pos, step)
-        if n == 0:
-            raise TransferError(
-                f"source ended early at byte {pos} (expected {end})", code="verification_failed"
-            )
-        pos += n
-        counter.add(n)
-
-
-def copy_files(
-    src: Path,
-    dst: Path,
-    files: list[tuple[str, int]],
-    counter: ByteCounter,
-    cancel: threading.Event,
-    workers: int = 4,
-) -> None:
-    """Copy files (relative path, size) from `src` to `dst` with the kernel's copy path
-    (`copy_file_range`), large files split across worker threads."""
-    dst.mkdir(parents=True, exist_ok=True)
-    jobs: list[tuple[str, int, int]] = []
-    for rel, size in files:
-        safe_relpath(rel)
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as fh:
-            fh.truncate(size)
-        jobs.extend(
-            (rel, off, min(COPY_CHUNK_BYTES * 4, size - off)) for off in range(0, size, COPY_CHUNK_BYTES * 4)
-        )
-
-    def run(job: tuple[str, int, int]) -> None:
-        rel, off, length = job
-        s = os.open(src / rel, os.O_RDONLY)
-        try:
-            d = os.open(dst / rel, os.O_WRONLY)
-            try:
-                _copy_range(s, d, off, length, counter, cancel)
-            finally:
-                os.close(d)
-        finally:
-            os.close(s)
-
-    if not jobs:
-        return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
-        for fut in [pool.submit(run, j) for j in jobs]:
-            fut.result()
-    for rel, size in files:
-        actual = (dst / rel).stat().st_size
-        if actual != size:
-            raise TransferError(f"{rel}: copied {actual} bytes, expected {size}", code="verification_failed")
-
-
-def list_local(path: Path) -> tuple[Path, list[tuple[str, int]]]:
-    """The base directory and files (relative path, size) of a local file or directory source."""
-    if path.is_file():
-        return path.parent, [(path.name, path.stat().st_size)]
-    if not path.is_dir():
-        raise NotFound(f"local source {path} does not exist", code="source_not_found")
-    found = []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            full = Path(root) / name
-            if name.startswith(".") or not full.is_file():
-                continue
-            found.append((str(full.relative_to(path)), full.stat().st_size))
-    if not found:
-        raise BadRequest(f"local source {path} holds no files")
-    return path, found

@@ -1,0 +1,88 @@
+"""Errors and small thread primitives shared by the fetch modules: TransferError, Cancelled,
+local_write_error, ByteCounter, RateLimit and run_blocking (the bridge from asyncio to the
+blocking workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from gswarm.errors import GswarmError, InsufficientSpace
+
+T = TypeVar("T")
+
+
+class TransferError(GswarmError):
+    """A transfer failed (source error, network, verification)."""
+
+    default_code = "transfer_failed"
+
+
+def local_write_error(exc: OSError, what: str) -> GswarmError:
+    """A failed write on this node as the error to report: 507 when the filesystem is full,
+    else a transfer failure naming the cause (never a network error to retry)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpace(
+            f"no space left writing {what} ({reason}); what was written is kept, and a retry "
+            "resumes once space is freed",
+        )
+    return TransferError(f"writing {what} failed: {reason}", code="write_failed")
+
+
+class Cancelled(Exception):
+    """The op was cancelled; workers stop at the next read."""
+
+
+class ByteCounter:
+    """A thread-safe running total of bytes moved."""
+
+    def __init__(self, start: int = 0) -> None:
+        self._lock = threading.Lock()
+        self.value = start
+
+    def add(self, n: int) -> None:
+        """Add `n` bytes."""
+        with self._lock:
+            self.value += n
+
+
+class RateLimit:
+    """A bytes/s limit shared by worker threads: each takes its share, then sleeps off any debt."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        # Little burst: an idle limiter must not let a second's worth of bytes out at once.
+        self._burst = float(min(rate / 20, 1 << 20))
+        self._tokens = self._burst
+        self._last = time.monotonic()
+
+    def take(self, n: int) -> None:
+        """Account for `n` bytes, sleeping as long as the limit requires."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            debt = -self._tokens
+        if debt > 0:
+            time.sleep(debt / self.rate)
+
+
+async def run_blocking(cancel: threading.Event, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` in a thread; if the awaiting task is cancelled, set `cancel` and wait for the
+    thread to notice before re-raising, so no worker outlives its op."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        cancel.set()
+        with contextlib.suppress(BaseException):
+            await fut
+        raise

@@ -1,0 +1,110 @@
+"""HTTP over `http.client`: one keep-alive connection per worker thread and host, requests
+that follow redirects (credentials only to the origin host), HTTP errors as gswarm errors,
+and small JSON GETs."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from gswarm.agent.fetch.common import TransferError
+from gswarm.errors import GswarmError, NotFound
+
+
+class Connections:
+    """One keep-alive HTTP connection per worker thread and host."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
+
+    def get(self, url: str) -> tuple[http.client.HTTPConnection, str]:
+        """The connection to `url`'s host (opened on first use) and the request path."""
+        parts = urlsplit(url)
+        scheme = parts.scheme
+        host = parts.hostname or ""
+        port = parts.port or (443 if scheme == "https" else 80)
+        key = (scheme, host, port)
+        conn = self._conns.get(key)
+        if conn is None:
+            cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+            conn = cls(host, port, timeout=self.timeout)
+            self._conns[key] = conn
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        return conn, path
+
+    def drop(self, url: str) -> None:
+        """Close and forget the connections to `url`'s host (after an error or unread body)."""
+        parts = urlsplit(url)
+        for key in [k for k in self._conns if k[1] == parts.hostname]:
+            self._conns.pop(key).close()
+
+    def close(self) -> None:
+        """Close every connection."""
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+
+def request(
+    conns: Connections, url: str, headers: dict[str, str], method: str = "GET"
+) -> tuple[http.client.HTTPResponse, str]:
+    """Send a request, following redirects; returns the response and the final URL.
+    Credentials go only to the origin host, never to a redirect target elsewhere."""
+    origin = urlsplit(url).hostname
+    for _ in range(6):
+        conn, path = conns.get(url)
+        hdrs = headers
+        if urlsplit(url).hostname != origin:
+            hdrs = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        try:
+            conn.request(method, path, headers=hdrs)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            conns.drop(url)
+            raise
+        if resp.status in (301, 302, 303, 307, 308):
+            location = resp.getheader("Location") or ""
+            resp.read()
+            url = urljoin(url, location)
+            continue
+        return resp, url
+    raise TransferError(f"too many redirects fetching {url}")
+
+
+def http_error(status: int, reason: str, url: str) -> GswarmError:
+    """An HTTP error status from a source as the gswarm error to report."""
+    if status == 404:
+        return NotFound(f"HTTP 404 {reason} from {url}", code="source_not_found")
+    if status in (401, 403):
+        return TransferError(f"HTTP {status} {reason} from {url} (set HF_TOKEN?)", code="source_forbidden")
+    return TransferError(f"HTTP {status} {reason} from {url}", code="source_error")
+
+
+def content_range_end(header: str | None) -> int | None:
+    """The last byte of `Content-Range: bytes a-b/size`."""
+    if not header or not header.startswith("bytes ") or "-" not in header:
+        return None
+    try:
+        return int(header[6:].split("/")[0].split("-")[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def fetch_json(url: str, headers: dict[str, str], timeout: float = 15.0) -> Any:
+    """GET a small JSON document (blocking); TransferError/NotFound/Forbidden on failure."""
+    conns = Connections(timeout)
+    try:
+        conn, path = conns.get(url)
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status >= 400:
+            raise http_error(resp.status, resp.reason, url)
+        return json.loads(body)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise TransferError(f"cannot fetch {url}: {exc}", code="source_unreachable") from None
+    finally:
+        conns.close()
