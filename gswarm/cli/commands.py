@@ -1,0 +1,547 @@
+"""Commands that talk to a head through `gswarm.client`: models, copies, nodes, ops, services, events."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+import typer
+import yaml
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gswarm.cli.common import DetachOpt, HeadUrl, JsonOpt, TokenOpt, app, err, fail, out
+from gswarm.cli.processes import run
+from gswarm.cli.render import ago, finish_op, follow_op, human_size, print_json, print_op
+from gswarm.errors import GswarmError
+from gswarm.protocol import Event, ModelView, Node, Notice, Op, Service
+
+T = TypeVar("T")
+
+
+def open_client(head_url: str | None, token: str | None) -> Any:
+    """A `GswarmClient` of the head (imported late: commands that need none start faster)."""
+    from gswarm.client import GswarmClient
+
+    return GswarmClient(head_url, token)
+
+
+def with_client(head_url: str | None, tok: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
+    """Open a client, await `fn(client)` under `run` and return its result."""
+
+    async def main() -> T:
+        async with open_client(head_url, tok) as c:
+            return await fn(c)
+
+    return run(main())
+
+
+@app.command()
+def register(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    model_type: Annotated[str, typer.Argument(metavar="TYPE", help="llm, diffusion, ...")],
+    source_url: Annotated[
+        str | None, typer.Option("--source-url", help="Where the model comes from.")
+    ] = None,
+    metadata_file: Annotated[
+        Path | None, typer.Option("--metadata-file", help="JSON or YAML file of metadata.")
+    ] = None,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Register a model."""
+    metadata: dict[str, Any] = {}
+    if metadata_file is not None:
+        try:
+            loaded = yaml.safe_load(metadata_file.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            fail(f"cannot read metadata file {metadata_file}: {exc}")
+        if loaded is not None and not isinstance(loaded, dict):
+            fail(f"metadata file {metadata_file} must hold a mapping")
+        metadata = loaded or {}
+    model: ModelView = with_client(
+        head_url, token, lambda c: c.register_model(name, model_type, source_url, metadata)
+    )
+    if json_out:
+        print_json(model)
+    else:
+        out.print(f"registered {model.name} ({model.type})", highlight=False)
+
+
+def _where(model: ModelView) -> str:
+    if not model.locations:
+        return "-"
+    return ", ".join(
+        loc.device if loc.state == "ready" else f"{loc.device} ({loc.state})" for loc in model.locations
+    )
+
+
+@app.command("list")
+def list_cmd(head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt = False) -> None:
+    """List models and where each one is."""
+    models: list[ModelView] = with_client(head_url, token, lambda c: c.list_models())
+    if json_out:
+        print_json(models)
+        return
+    if not models:
+        out.print("no models registered")
+        return
+    table = Table("model", "type", "locations", "source")
+    for m in models:
+        table.add_row(m.name, m.type, _where(m), m.source_url or "-")
+    out.print(table)
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="Model name")],
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show one model and every copy of it."""
+    model: ModelView = with_client(head_url, token, lambda c: c.get_model(name))
+    if json_out:
+        print_json(model)
+        return
+    out.print(f"[bold]{model.name}[/] ({model.type})  source: {model.source_url or '-'}", highlight=False)
+    if model.metadata:
+        out.print(f"metadata: {model.metadata}", highlight=False)
+    if not model.locations:
+        out.print("no copies yet")
+        return
+    table = Table("device", "state", "size", "path", "updated")
+    for loc in model.locations:
+        table.add_row(loc.device, loc.state, human_size(loc.size), loc.path, ago(loc.updated_at))
+    out.print(table)
+
+
+@app.command()
+def nodes(head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt = False) -> None:
+    """List nodes with their hardware and status."""
+    found: list[Node] = with_client(head_url, token, lambda c: c.list_nodes())
+    if json_out:
+        print_json(found)
+        return
+    if not found:
+        out.print("no nodes yet: start an agent with 'gswarm client HEAD_URL --node-id ID'")
+        return
+    table = Table("node", "status", "host", "address", "cpus", "memory", "disk free", "dram free", "gpus")
+    for n in found:
+        inv = n.inventory
+        tiers = {t.name: t for t in inv.tiers}
+        gpus = ", ".join(
+            f"{g.index}: {g.name} {human_size(g.memory_total)}{' (sim)' if g.simulated else ''}"
+            for g in inv.gpus
+        )
+        status = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(n.status, n.status)
+        table.add_row(
+            n.node_id,
+            f"{status} {ago(n.status_since)}",
+            n.hostname or "-",
+            (n.addresses or ["-"])[0],
+            str(inv.cpu_count or "-"),
+            human_size(inv.memory_total) if inv.memory_total else "-",
+            human_size(tiers["disk"].free) if "disk" in tiers else "-",
+            human_size(tiers["dram"].free) if "dram" in tiers else "-",
+            gpus or "none",
+        )
+    out.print(table)
+
+
+@app.command()
+def probe(
+    node_id: Annotated[str, typer.Argument(help="Node to probe")],
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Ask a node's agent to re-read its inventory and holdings (an op, end to end)."""
+    op: Op = with_client(head_url, token, lambda c: c.probe(node_id, wait=True))
+    if json_out:
+        print_json(op)
+    else:
+        print_op(op)
+    if op.state != "succeeded":
+        raise typer.Exit(1)
+
+
+def _run_op(
+    head_url: str | None,
+    tok: str | None,
+    start: Callable[[Any], Awaitable[Op]],
+    detach: bool,
+    json_out: bool,
+    what: str,
+) -> None:
+    async def main() -> Op:
+        async with open_client(head_url, tok) as c:
+            op = await start(c)
+            return await follow_op(c, op, detach, json_out, what)
+
+    finish_op(run(main()), json_out, detach, what)
+
+
+@app.command()
+def download(
+    model: Annotated[str, typer.Argument(help="Model name (registered on first download)")],
+    source: Annotated[
+        str, typer.Argument(help="https://huggingface.co/ORG/REPO, hf://ORG/REPO@REV, ORG/REPO, URL, file://")
+    ],
+    device: Annotated[str, typer.Argument(help="Target, e.g. node1:disk")],
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="Only files matching (glob).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Skip files matching (glob).")
+    ] = None,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Download a model onto a node's disk or dram, with live progress."""
+    _run_op(
+        head_url,
+        token,
+        lambda c: c.download(model, source, device, allow_patterns=include, ignore_patterns=exclude),
+        detach,
+        json_out,
+        f"download {model} -> {device}",
+    )
+
+
+@app.command()
+def copy(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    source: Annotated[str, typer.Argument(metavar="FROM", help="Source device, e.g. node1:disk")],
+    target: Annotated[str, typer.Argument(metavar="TO", help="Target device, e.g. node1:dram")],
+    verify: Annotated[str, typer.Option(help="size, or sha256 to re-hash the copy")] = "size",
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Copy a model between devices."""
+    _run_op(
+        head_url, token, lambda c: c.copy(model, source, target, verify=verify), detach, json_out,
+        f"copy {model} {source} -> {target}",
+    )  # fmt: skip
+
+
+@app.command()
+def move(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    source: Annotated[str, typer.Argument(metavar="FROM", help="Source device, e.g. node1:disk")],
+    target: Annotated[str, typer.Argument(metavar="TO", help="Target device, e.g. node1:dram")],
+    keep_source: Annotated[bool, typer.Option("--keep-source", help="Keep the source copy.")] = False,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Move a model between devices (the source goes only after the target is verified)."""
+    _run_op(
+        head_url, token, lambda c: c.move(model, source, target, keep_source=keep_source), detach, json_out,
+        f"move {model} {source} -> {target}",
+    )  # fmt: skip
+
+
+@app.command()
+def replicate(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    targets: Annotated[
+        list[str] | None, typer.Argument(help="Target devices, e.g. node2:disk node3:disk")
+    ] = None,
+    all_nodes: Annotated[str | None, typer.Option("--all-nodes", help="Every online node's TIER.")] = None,
+    source: Annotated[str | None, typer.Option("--from", help="Start from this copy.")] = None,
+    max_fanout: Annotated[
+        int, typer.Option(help="Peers one holder serves at once (1: a pipelined chain).")
+    ] = 1,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Copy a model to many devices; each node that finishes feeds the next."""
+
+    async def main() -> Op:
+        async with open_client(head_url, token) as c:
+            op: Op = await c.replicate(
+                model, targets or [], all_nodes=all_nodes, source_device=source, max_fanout=max_fanout
+            )
+            if detach:
+                return op
+            columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"))
+            progress = Progress(*columns, TimeElapsedColumn(), console=err, disable=json_out)
+            with progress:
+                task = progress.add_task(f"replicate {model}", total=None, note="")
+
+                def update(o: Op) -> None:
+                    p = o.progress
+                    progress.update(task, completed=p.done, total=p.total or None, note=p.message)
+
+                final: Op = await c.wait_op(op.op_id, on_progress=update)
+                return final
+
+    op = run(main())
+    if json_out:
+        print_json(op)
+    elif detach and not op.terminal:
+        out.print(op.op_id, highlight=False)
+    else:
+        table = Table("target", "state", "from", "seconds", "error")
+        for target, r in sorted(((op.result or {}).get("targets") or {}).items()):
+            table.add_row(
+                target, r.get("state", ""), r.get("from", ""), str(r.get("seconds", "")), r.get("error", "")
+            )
+        out.print(table)
+        print_op(op)
+    if op.terminal and op.state != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def load(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    device: Annotated[str, typer.Argument(help="GPU device, e.g. node1:gpu0")],
+    source: Annotated[
+        str | None, typer.Option("--from", help="Copy to load from [default: dram, else disk]")
+    ] = None,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Stage a model's weights into a GPU's memory."""
+    _run_op(
+        head_url,
+        token,
+        lambda c: c.load(model, device, source_device=source),
+        detach,
+        json_out,
+        f"load {model} -> {device}",
+    )
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    device: Annotated[str, typer.Argument(help="Device, e.g. node1:gpu0 (or node1:dram on the CPU)")],
+    port: Annotated[int, typer.Argument(help="Port of the server on that node")],
+    backend: Annotated[
+        str | None, typer.Option(help="builtin, vllm, or a template of the agent's config")
+    ] = None,
+    config: Annotated[str | None, typer.Option(help="JSON object of backend settings")] = None,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Serve a model behind an OpenAI-compatible endpoint; returns once it answers."""
+    try:
+        settings = json.loads(config) if config else {}
+    except ValueError as exc:
+        fail(f"--config is not JSON: {exc}")
+    what = f"serve {model} on {device}:{port}"
+    start = lambda c: c.serve(model, device, port, backend=backend, config=settings)  # noqa: E731
+    _run_op(head_url, token, start, detach, json_out, what)
+
+
+@app.command()
+def stop(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    device: Annotated[str, typer.Argument(help="Device it is served on")],
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Stop serving a model and free its GPU memory."""
+    _run_op(
+        head_url, token, lambda c: c.stop_service(model, device), False, json_out, f"stop {model} on {device}"
+    )
+
+
+@app.command()
+def services(head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt = False) -> None:
+    """List services with URL, backend and health."""
+    found: list[Service] = with_client(head_url, token, lambda c: c.list_services())
+    if json_out:
+        print_json(found)
+        return
+    if not found:
+        out.print("no services")
+        return
+    table = Table("model", "device", "backend", "url", "state", "restarts", "since", "error")
+    for svc in found:
+        table.add_row(
+            svc.model,
+            svc.device,
+            svc.backend,
+            svc.url,
+            svc.state,
+            str(svc.restarts),
+            ago(svc.started_at),
+            svc.error,
+        )
+    out.print(table)
+
+
+@app.command()
+def logs(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    device: Annotated[str, typer.Argument(help="Device it is served on")],
+    lines: Annotated[int, typer.Option(help="How many lines")] = 100,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+) -> None:
+    """Print the tail of a service's log."""
+    text: str = with_client(head_url, token, lambda c: c.logs(model, device, lines))
+    sys.stdout.write(text + ("\n" if text and not text.endswith("\n") else ""))
+
+
+@app.command()
+def health(
+    model: Annotated[str | None, typer.Argument(help="Model name (with DEVICE: one service)")] = None,
+    device: Annotated[str | None, typer.Argument(help="Device it is served on")] = None,
+    node: Annotated[str | None, typer.Option(help="Check a whole node instead.")] = None,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Health-check a service or a node."""
+    op: Op = with_client(head_url, token, lambda c: c.health_check(model, device, node_id=node))
+    if json_out:
+        print_json(op)
+    else:
+        healthy = (op.result or {}).get("healthy")
+        out.print(f"{'healthy' if healthy else 'UNHEALTHY'}: {op.result or op.error}", highlight=False)
+    if op.state != "succeeded" or not (op.result or {}).get("healthy"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def rm(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    device: Annotated[str, typer.Argument(help="Device whose copy goes, e.g. node1:dram")],
+    force: Annotated[bool, typer.Option("--force", help="Cancel a write in progress first.")] = False,
+    detach: DetachOpt = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove one copy of a model."""
+    _run_op(
+        head_url, token, lambda c: c.delete_location(model, device, force=force), detach, json_out,
+        f"rm {model} on {device}",
+    )  # fmt: skip
+
+
+@app.command()
+def delete(
+    model: Annotated[str, typer.Argument(help="Model name")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Cancel writes; forget copies on offline nodes.")
+    ] = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove every copy of a model, then the model."""
+    result: dict[str, Any] = with_client(head_url, token, lambda c: c.delete_model(model, force=force))
+    if json_out:
+        print_json(result)
+    else:
+        out.print(f"deleted {model} ({len(result.get('ops', []))} copies removed)", highlight=False)
+
+
+@app.command()
+def ops(
+    node: Annotated[str | None, typer.Option(help="Only this node's ops.")] = None,
+    state: Annotated[str | None, typer.Option(help="Only ops in this state.")] = None,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List recent ops."""
+    filters = {k: v for k, v in {"node": node, "state": state}.items() if v}
+    found: list[Op] = with_client(head_url, token, lambda c: c.list_ops(**filters))
+    if json_out:
+        print_json(found)
+        return
+    table = Table("op", "kind", "node", "state", "progress", "created", "error")
+    for op in found:
+        p = op.progress
+        prog = f"{human_size(p.done)}/{human_size(p.total)}" if p.total else "-"
+        table.add_row(
+            op.op_id,
+            op.kind,
+            op.node_id,
+            op.state,
+            prog,
+            ago(op.created_at),
+            op.error.message if op.error else "",
+        )
+    out.print(table)
+
+
+@app.command()
+def cancel(
+    op_id: Annotated[str, typer.Argument(help="Op to cancel")],
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cancel an op."""
+    op: Op = with_client(head_url, token, lambda c: c.cancel_op(op_id))
+    if json_out:
+        print_json(op)
+    else:
+        out.print(f"op {op_id} cancelled", highlight=False)
+
+
+@app.command()
+def events(
+    since: Annotated[int | None, typer.Option(help="Replay events after this seq first.")] = None,
+    topic: Annotated[
+        list[str] | None, typer.Option(help="Only these topics: model, node, op, location.")
+    ] = None,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Keep following live.")] = True,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Follow the event stream live (after replaying from --since)."""
+    topics = topic or []
+
+    def show_event(ev: Event) -> None:
+        if json_out:
+            sys.stdout.write(msgspec.json.encode(ev).decode() + "\n")
+            sys.stdout.flush()
+            return
+        stamp = time.strftime("%H:%M:%S", time.localtime(ev.ts))
+        state = ev.data.get("state") or ev.data.get("status") or ""
+        out.print(f"{ev.seq:>7} {stamp} {ev.kind:<18} {ev.key} {state}", highlight=False)
+
+    async def main() -> None:
+        async with open_client(head_url, token) as c:
+            if not follow:
+                for ev in await c.list_events(since or 0, topics, limit=10_000):
+                    show_event(ev)
+                return
+            async for msg in c.events(since=since, topics=topics):
+                if isinstance(msg, Notice):
+                    if msg.code == "dropped":
+                        raise GswarmError(f"dropped by the head: {msg.message}")
+                    continue
+                show_event(msg)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run(main())

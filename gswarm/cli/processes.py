@@ -1,0 +1,291 @@
+"""Processes: the head, an agent (`client`/`agent`), both at once (`up`), signals, logging, tokens.
+
+Also `run`, the asyncio wrapper every command goes through: errors become one line on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+import typer
+import yaml
+
+from gswarm import __version__
+from gswarm.cli.common import JsonOpt, StateDir, app, err, fail, out
+from gswarm.cli.render import print_json
+from gswarm.config import (
+    DEFAULT_PORT,
+    Settings,
+    default_disk_dir,
+    default_dram_dir,
+    default_state_dir,
+    load_tokens,
+)
+from gswarm.errors import GswarmError
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine; a GswarmError becomes one line on stderr and exit status 1."""
+    try:
+        return asyncio.run(coro)
+    except GswarmError as exc:
+        fail(exc.message)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # one line, never a traceback
+        fail(f"unexpected {type(exc).__name__}: {exc}")
+    raise AssertionError("unreachable")
+
+
+def _setup_logging(verbose: bool) -> None:
+    """Log to stderr (DEBUG with --verbose), without aiohttp's access log or websockets' chatter."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+async def _until_signal(*tasks: asyncio.Task[Any]) -> None:
+    """Wait for SIGINT/SIGTERM or for any of the tasks to end."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _agent_token(token: str | None, state_dir: Path | None = None) -> str:
+    """The join token: the one given, else the local head's; none is an error."""
+    if token:
+        return token
+    tokens = load_tokens(state_dir)
+    if tokens is None:
+        fail("no join token: pass --token or set GSWARM_TOKEN (run 'gswarm token' on the head to see it)")
+        raise AssertionError
+    return tokens.join_token
+
+
+async def _run_agent_task(agent_task: asyncio.Task[None]) -> None:
+    from gswarm.agent.session import AgentRefused
+
+    try:
+        await agent_task
+    except AgentRefused as exc:
+        fail(exc.message, 2)
+    except asyncio.CancelledError:
+        pass
+
+
+@app.command()
+def head(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
+    state_dir: StateDir = None,
+    offline_after: Annotated[
+        float | None, typer.Option(help="Seconds of silence before a node is offline [15].")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Start the head server (REST API, agent and event sockets, registry)."""
+    from gswarm.head.app import HeadServer
+
+    _setup_logging(verbose)
+    settings = Settings.from_env(offline_after=offline_after)
+
+    async def main() -> None:
+        server = HeadServer(state_dir or default_state_dir(), host, port, settings)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise GswarmError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        err.print(f"gswarm head {__version__} listening on {server.url} (state: {server.head.state_dir})")
+        try:
+            await _until_signal()
+        finally:
+            await server.stop()
+            err.print("head stopped")
+
+    run(main())
+
+
+def _agent_options(
+    node_id: str | None, disk_dir: Path | None, dram_dir: Path | None
+) -> tuple[str, Path, Path]:
+    return (
+        node_id or socket.gethostname().split(".")[0],
+        disk_dir or default_disk_dir(),
+        dram_dir or default_dram_dir(),
+    )
+
+
+NodeIdOpt = Annotated[str | None, typer.Option("--node-id", help="This node's id [default: hostname]")]
+DiskDirOpt = Annotated[Path | None, typer.Option("--disk-dir", help="Directory of the disk tier.")]
+DramDirOpt = Annotated[Path | None, typer.Option("--dram-dir", help="Directory of the dram tier (tmpfs).")]
+SimGpuOpt = Annotated[
+    str | None,
+    typer.Option("--simulate-gpus", envvar="GSWARM_SIMULATE_GPUS", help="N[:SIZE] simulated GPUs."),
+]
+
+
+def _serving_config(path: Path | None) -> Any:
+    from gswarm.agent.serving import ServingConfig
+
+    if path is None:
+        return ServingConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise GswarmError(f"cannot read agent config {path}: {exc}") from None
+    try:
+        return msgspec.convert(raw.get("serving") or {}, ServingConfig)
+    except (msgspec.ValidationError, AttributeError) as exc:
+        raise GswarmError(f"agent config {path}: serving: {exc}") from None
+
+
+@app.command("client")
+def client_cmd(
+    head_url: Annotated[str, typer.Argument(help="URL of the head, e.g. http://head:8100")],
+    node_id: NodeIdOpt = None,
+    token: Annotated[str | None, typer.Option("--token", envvar="GSWARM_TOKEN", help="Join token.")] = None,
+    disk_dir: DiskDirOpt = None,
+    dram_dir: DramDirOpt = None,
+    simulate_gpus: SimGpuOpt = None,
+    data_port: Annotated[int, typer.Option(help="Port of the data server peers fetch from (0: any).")] = 0,
+    data_host: Annotated[
+        str,
+        typer.Option(help="Address peers reach the data server at [default: the one used to reach the head]"),
+    ] = "",
+    data_bandwidth: Annotated[
+        str | None, typer.Option(help="Cap of the data server's uplink, e.g. 500M (bytes/s).")
+    ] = None,
+    disk_quota: Annotated[
+        str | None, typer.Option(help="Most gswarm may store on the disk tier, e.g. 500G.")
+    ] = None,
+    dram_quota: Annotated[
+        str | None, typer.Option(help="Most gswarm may store on the dram tier, e.g. 64G.")
+    ] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="Agent config (YAML): serving templates, restart limits.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run an agent on this node, connected to the head."""
+    from gswarm.agent.gpu import parse_size
+    from gswarm.agent.main import Agent
+
+    _setup_logging(verbose)
+    nid, disk, dram = _agent_options(node_id, disk_dir, dram_dir)
+    join = _agent_token(token)
+
+    async def main() -> None:
+        try:
+            quotas = {k: parse_size(v) for k, v in {"disk": disk_quota, "dram": dram_quota}.items() if v}
+            agent = Agent(
+                head_url,
+                nid,
+                join,
+                disk,
+                dram,
+                Settings.from_env(),
+                simulate_gpus,
+                quotas=quotas,
+                data_port=data_port,
+                data_host=data_host,
+                data_bandwidth=parse_size(data_bandwidth) if data_bandwidth else None,
+                serving_config=_serving_config(config_file),
+            )
+        except ValueError as exc:
+            raise GswarmError(str(exc)) from None
+        task = asyncio.create_task(agent.run())
+        err.print(f"gswarm agent {nid} -> {head_url} (disk: {disk}, dram: {dram})")
+        await _until_signal(task)
+        task.cancel()
+        await _run_agent_task(task)
+        err.print("agent stopped")
+
+    run(main())
+
+
+app.command("agent", help="Run an agent on this node (same as 'client').")(client_cmd)
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="Address the head listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the head.")] = DEFAULT_PORT,
+    state_dir: StateDir = None,
+    node_id: NodeIdOpt = None,
+    disk_dir: DiskDirOpt = None,
+    dram_dir: DramDirOpt = None,
+    simulate_gpus: SimGpuOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """A head and a local agent in one process: the whole system on one machine."""
+    from gswarm.agent.main import Agent
+    from gswarm.head.app import HeadServer
+
+    _setup_logging(verbose)
+    nid, disk, dram = _agent_options(node_id, disk_dir, dram_dir)
+    settings = Settings.from_env()
+
+    async def main() -> None:
+        server = HeadServer(state_dir or default_state_dir(), host, port, settings)
+        try:
+            await server.start()
+        except OSError as exc:
+            raise GswarmError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        try:
+            agent = Agent(server.url, nid, server.head.tokens.join_token, disk, dram, settings, simulate_gpus)
+        except ValueError as exc:
+            await server.stop()
+            raise GswarmError(str(exc)) from None
+        task = asyncio.create_task(agent.run())
+        err.print(
+            f"gswarm {__version__} up: head {server.url}, agent {nid} "
+            f"(state: {server.head.state_dir}, disk: {disk}, dram: {dram}); Ctrl-C stops"
+        )
+        try:
+            await _until_signal(task)
+        finally:
+            task.cancel()
+            await _run_agent_task(task)
+            await server.stop()
+            err.print("stopped")
+
+    run(main())
+
+
+@app.command()
+def token(state_dir: StateDir = None, json_out: JsonOpt = False) -> None:
+    """Print the head's tokens (API token for the CLI/REST, join token for agents)."""
+    tokens = load_tokens(state_dir)
+    if tokens is None:
+        fail(f"no head state in {state_dir or default_state_dir()}: start 'gswarm head' first")
+        return
+    if json_out:
+        print_json({"api_token": tokens.api_token, "join_token": tokens.join_token})
+        return
+    out.print(f"api token  (CLI, REST: GSWARM_TOKEN): {tokens.api_token}", highlight=False)
+    out.print(f"join token (agents: --token):        {tokens.join_token}", highlight=False)
