@@ -14,21 +14,30 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import msgspec
 
+from gswarm.api import (
+    CopyBody,
+    DownloadBody,
+    HealthBody,
+    LoadBody,
+    RegisterModelBody,
+    ReplicateBody,
+    ServeBody,
+)
 from gswarm.config import DEFAULT_HEAD_URL, load_tokens
 from gswarm.errors import GswarmError, from_payload
+from gswarm.ops import Op
 from gswarm.protocol import (
     Event,
     Job,
     ModelView,
     Node,
     Notice,
-    Op,
     Service,
     subscriber_message_decoder,
 )
@@ -171,7 +180,7 @@ class GswarmClient:
         metadata: dict[str, Any] | None = None,
     ) -> ModelView:
         """Register a model."""
-        body = {"name": name, "type": type_, "source_url": source_url, "metadata": metadata or {}}
+        body = RegisterModelBody(name=name, type=type_, source_url=source_url, metadata=metadata or {})
         return msgspec.json.decode(await self.request("POST", "/models", body), type=ModelView)
 
     async def delete_model(self, name: str, force: bool = False) -> dict[str, Any]:
@@ -220,16 +229,16 @@ class GswarmClient:
     ) -> Op:
         """Download a model onto a node's disk or dram (registers it if new); a node that
         already holds a verified copy serves it unless `prefer_peer` is False."""
-        body = {
-            "model_name": model_name,
-            "source_url": source_url,
-            "target_device": target_device,
-            "allow_patterns": allow_patterns,
-            "ignore_patterns": ignore_patterns,
-            "model_type": model_type,
-            "prefer_peer": prefer_peer,
-            "bandwidth_limit": bandwidth_limit,
-        }
+        body = DownloadBody(
+            model_name=model_name,
+            source_url=source_url,
+            target_device=target_device,
+            allow_patterns=allow_patterns,
+            ignore_patterns=ignore_patterns,
+            model_type=model_type,
+            prefer_peer=prefer_peer,
+            bandwidth_limit=bandwidth_limit,
+        )
         return await self._op("POST", "/download", body, wait)
 
     async def copy(
@@ -238,16 +247,13 @@ class GswarmClient:
         source_device: str,
         target_device: str,
         *,
-        verify: str = "size",
+        verify: Literal["size", "sha256"] = "size",
         wait: bool = False,
     ) -> Op:
         """Copy a model between devices."""
-        body = {
-            "model_name": model_name,
-            "source_device": source_device,
-            "target_device": target_device,
-            "verify": verify,
-        }
+        body = CopyBody(
+            model_name=model_name, source_device=source_device, target_device=target_device, verify=verify
+        )
         return await self._op("POST", "/copy", body, wait)
 
     async def move(
@@ -260,12 +266,12 @@ class GswarmClient:
         wait: bool = False,
     ) -> Op:
         """Move a model between devices (the source goes once the target is verified)."""
-        body = {
-            "model_name": model_name,
-            "source_device": source_device,
-            "target_device": target_device,
-            "keep_source": keep_source,
-        }
+        body = CopyBody(
+            model_name=model_name,
+            source_device=source_device,
+            target_device=target_device,
+            keep_source=keep_source,
+        )
         return await self._op("POST", "/move", body, wait)
 
     async def replicate(
@@ -273,28 +279,28 @@ class GswarmClient:
         model_name: str,
         targets: list[str] | None = None,
         *,
-        all_nodes: str | None = None,
+        all_nodes: Literal["disk", "dram"] | None = None,
         source_device: str | None = None,
         max_fanout: int = 1,
         bandwidth_limit: int | None = None,
         wait: bool = False,
     ) -> Op:
         """Spread a model to many devices, node to node."""
-        body = {
-            "model_name": model_name,
-            "targets": targets or [],
-            "all_nodes": all_nodes,
-            "source_device": source_device,
-            "max_fanout": max_fanout,
-            "bandwidth_limit": bandwidth_limit,
-        }
+        body = ReplicateBody(
+            model_name=model_name,
+            targets=targets or [],
+            all_nodes=all_nodes,
+            source_device=source_device,
+            max_fanout=max_fanout,
+            bandwidth_limit=bandwidth_limit,
+        )
         return await self._op("POST", "/replicate", body, wait)
 
     async def load(
         self, model_name: str, device: str, *, source_device: str | None = None, wait: bool = False
     ) -> Op:
         """Stage a model into a GPU's memory (node:gpuN) from the node's fastest copy."""
-        body = {"model_name": model_name, "device": device, "source_device": source_device}
+        body = LoadBody(model_name=model_name, device=device, source_device=source_device)
         return await self._op("POST", "/load", body, wait)
 
     async def serve(
@@ -308,13 +314,9 @@ class GswarmClient:
         wait: bool = False,
     ) -> Op:
         """Start an inference server (OpenAI-compatible for builtin and vllm)."""
-        body = {
-            "model_name": model_name,
-            "device": device,
-            "port": port,
-            "backend": backend,
-            "config": config or {},
-        }
+        body = ServeBody(
+            model_name=model_name, device=device, port=port, backend=backend, config=config or {}
+        )
         return await self._op("POST", "/serve", body, wait)
 
     async def stop_service(self, model_name: str, device: str, *, wait: bool = False) -> Op:
@@ -341,7 +343,7 @@ class GswarmClient:
         wait: bool = True,
     ) -> Op:
         """Check a service (model and device) or a node."""
-        body = {"model_name": model_name, "device": device, "node_id": node_id}
+        body = HealthBody(model_name=model_name, device=device, node_id=node_id)
         return await self._op("POST", "/health_check", body, wait)
 
     async def delete_location(

@@ -15,6 +15,9 @@ from typing import Any
 
 import msgspec
 
+from gswarm.states import JOB_TERMINAL, ActionState, JobState, LocationState, NodeStatus, ServiceState
+from gswarm.workflow import ActionFields
+
 # ---------------------------------------------------------------- inventory
 
 
@@ -60,6 +63,8 @@ class Holding(msgspec.Struct):
     path: str
     size: int
     files: int = 0
+    source: str = ""
+    revision: str = ""
 
 
 # ---------------------------------------------------------------- registry entities
@@ -80,11 +85,14 @@ class Location(msgspec.Struct):
 
     model: str
     device: str
-    state: str
+    state: LocationState
     size: int = 0
     path: str = ""
     updated_at: float = 0.0
     op_id: str | None = None
+    source: str = ""
+    """Where the copy's bytes first came from (`hf://org/repo@rev`, a URL); '' when unknown."""
+    revision: str = ""
 
 
 class ModelView(msgspec.Struct):
@@ -107,7 +115,7 @@ class Service(msgspec.Struct):
     backend: str
     port: int
     url: str = ""
-    state: str = "starting"
+    state: ServiceState = "starting"
     pid: int = 0
     restarts: int = 0
     config: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -126,7 +134,7 @@ class Node(msgspec.Struct):
     """A machine known to the head, with the agent's latest report."""
 
     node_id: str
-    status: str = "offline"
+    status: NodeStatus = "offline"
     hostname: str = ""
     addresses: list[str] = msgspec.field(default_factory=list)
     agent_version: str = ""
@@ -157,32 +165,6 @@ class OpError(msgspec.Struct):
     message: str
 
 
-OP_STATES_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-
-
-class Op(msgspec.Struct):
-    """One unit of work on one node."""
-
-    op_id: str
-    kind: str
-    node_id: str
-    args: dict[str, Any] = msgspec.field(default_factory=dict)
-    state: str = "queued"
-    progress: OpProgress = msgspec.field(default_factory=OpProgress)
-    result: dict[str, Any] | None = None
-    error: OpError | None = None
-    created_at: float = 0.0
-    started_at: float | None = None
-    finished_at: float | None = None
-    timeout: float = 0.0
-    attempts: int = 0
-
-    @property
-    def terminal(self) -> bool:
-        """True once the op has succeeded, failed or been cancelled."""
-        return self.state in OP_STATES_TERMINAL
-
-
 class JobAction(msgspec.Struct):
     """One action of a job and how it is going."""
 
@@ -190,21 +172,17 @@ class JobAction(msgspec.Struct):
     id: str
     index: int
     action: str
-    spec: dict[str, Any] = msgspec.field(default_factory=dict)
+    spec: ActionFields
     depends_on: list[str] = msgspec.field(default_factory=list)
     retries: int = 0
     timeout: float | None = None
     continue_on_error: bool = False
-    state: str = "pending"
+    state: ActionState = "pending"
     op_ids: list[str] = msgspec.field(default_factory=list)
     attempts: int = 0
     started_at: float | None = None
     finished_at: float | None = None
     error: str = ""
-
-
-JOB_STATES_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-ACTION_STATES_TERMINAL = frozenset({"succeeded", "failed", "skipped", "cancelled"})
 
 
 class Job(msgspec.Struct):
@@ -213,7 +191,7 @@ class Job(msgspec.Struct):
     job_id: str
     name: str
     description: str = ""
-    state: str = "pending"
+    state: JobState = "pending"
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
@@ -224,7 +202,7 @@ class Job(msgspec.Struct):
     @property
     def terminal(self) -> bool:
         """True once the job has ended."""
-        return self.state in JOB_STATES_TERMINAL
+        return self.state in JOB_TERMINAL
 
 
 # ---------------------------------------------------------------- agent -> head
@@ -270,10 +248,10 @@ class Progress(msgspec.Struct, tag="progress", tag_field="type", omit_defaults=T
 
 
 class Succeeded(msgspec.Struct, tag="succeeded", tag_field="type", omit_defaults=True):
-    """An op finished; `result` is kind-specific."""
+    """An op finished; `result` is the kind's result Struct as JSON (see `gswarm.ops`)."""
 
     op_id: str
-    result: dict[str, Any] = msgspec.field(default_factory=dict)
+    result: msgspec.Raw = msgspec.Raw(b"{}")
     holdings: list[Holding] | None = None
 
 
@@ -318,7 +296,8 @@ class Command(msgspec.Struct, tag="command", tag_field="type", omit_defaults=Tru
 
     op_id: str
     kind: str
-    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    args: msgspec.Raw = msgspec.Raw(b"{}")
+    """The kind's args Struct as JSON (see `gswarm.ops`)."""
     timeout: float = 0.0
 
 

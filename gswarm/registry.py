@@ -1,9 +1,13 @@
-"""The cluster's state machine: models, nodes, locations and ops. No I/O.
+"""The cluster's state machine: models, nodes, locations, ops, services and jobs. No I/O.
 
 Each mutation checks its preconditions (raising a GswarmError), changes the in-memory state
 and returns the events that describe the change. Whoever calls it persists and publishes
 those events; an event's `data` is the full new state of the entity it names, so the event
 log alone is enough to rebuild the tables.
+
+This is the only place that changes an entity's state: every state change goes through the
+transition tables of `gswarm.states` and returns its event. Other modules read the tables
+here but never assign to them.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from typing import Any
 
 import msgspec
 
-from gswarm.devices import validate_model_name
+from gswarm.devices import STORAGE_TIERS, validate_model_name
 from gswarm.errors import Conflict, NotFound
+from gswarm.ops import CopyKey, Op, OpArgs, OpResult, kind_of
 from gswarm.protocol import (
     Event,
     Holding,
@@ -25,12 +30,23 @@ from gswarm.protocol import (
     JobAction,
     Location,
     Model,
+    ModelView,
     Node,
-    Op,
     OpError,
     OpProgress,
     Service,
     to_builtins,
+)
+from gswarm.states import (
+    ACTION_MOVES,
+    ACTION_TERMINAL,
+    JOB_MOVES,
+    OP_MOVES,
+    ActionState,
+    JobState,
+    LocationState,
+    OpState,
+    check_move,
 )
 
 # A heartbeat becomes a `node.updated` event only when free space moved by more than this
@@ -71,6 +87,7 @@ class Registry:
         self.locations: dict[tuple[str, str], Location] = {}
         self.ops: dict[str, Op] = {}
         self._open: set[str] = set()
+        self._writers: dict[CopyKey, str] = {}
         self.services: dict[str, Service] = {}
         self.jobs: dict[str, Job] = {}
         self.last_seq = 0
@@ -95,6 +112,7 @@ class Registry:
         self.locations = {(loc.model, loc.device): loc for loc in locations}
         self.ops = {o.op_id: o for o in ops}
         self._open = {o.op_id for o in self.ops.values() if not o.terminal}
+        self._writers = {key: i for i in sorted(self._open) for key in self.ops[i].writes()}
         self.last_seq = last_seq
         now = time.time()
         for node in self.nodes.values():
@@ -140,6 +158,18 @@ class Registry:
         del self.models[name]
         events.append(self._event("model.deleted", name, model))
         return events
+
+    def model_view(self, name: str) -> ModelView:
+        """A model with every known copy (NotFound when not registered)."""
+        m = self.get_model(name)
+        return ModelView(
+            name=m.name,
+            type=m.type,
+            source_url=m.source_url,
+            metadata=m.metadata,
+            created_at=m.created_at,
+            locations=self.model_locations(name),
+        )
 
     def model_locations(self, name: str) -> list[Location]:
         """Every known copy of a model."""
@@ -203,6 +233,16 @@ class Registry:
         elif changed:
             events.append(self._event("node.updated", node_id, node))
         return events
+
+    def node_seen(self, node_id: str) -> None:
+        """The node's agent said something (no event: liveness only)."""
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.last_seen = time.time()
+
+    def node_holdings(self, node_id: str, holdings: list[Holding]) -> None:
+        """The agent's latest list of published copies (the locations follow by reconciling)."""
+        self.get_node(node_id).holdings = holdings
 
     def node_disconnected(self, node_id: str) -> None:
         """The agent's socket closed; the node goes offline only if it does not come back."""
@@ -268,13 +308,11 @@ class Registry:
         except KeyError:
             raise NotFound(f"op {op_id!r} does not exist", code="op_not_found") from None
 
-    def create_op(
-        self, kind: str, node_id: str, args: dict[str, Any], timeout: float
-    ) -> tuple[Op, list[Event]]:
-        """A new queued op for a node."""
+    def create_op(self, node_id: str, args: OpArgs, timeout: float) -> tuple[Op, list[Event]]:
+        """A new queued op for a node; it becomes the writer of the copies its args write."""
         op = Op(
             op_id=uuid.uuid4().hex[:16],
-            kind=kind,
+            kind=kind_of(args),
             node_id=node_id,
             args=args,
             created_at=time.time(),
@@ -282,7 +320,19 @@ class Registry:
         )
         self.ops[op.op_id] = op
         self._open.add(op.op_id)
+        for key in op.writes():
+            self._writers[key] = op.op_id
         return op, [self._event("op.created", op.op_id, op)]
+
+    def open_writer(self, model: str, device: str) -> Op | None:
+        """The open op writing (or deleting) this copy, if any."""
+        op_id = self._writers.get((model, device))
+        op = self.ops.get(op_id) if op_id is not None else None
+        return op if op is not None and not op.terminal else None
+
+    def _set_op_state(self, op: Op, state: OpState) -> None:
+        check_move(f"op {op.op_id}", OP_MOVES, op.state, state)
+        op.state = state
 
     def op_sent(self, op_id: str) -> None:
         """The command went out on the socket once more (no event: not a state change)."""
@@ -293,7 +343,7 @@ class Registry:
         op = self.ops.get(op_id)
         if op is None or op.state != "queued":
             return []
-        op.state = "running"
+        self._set_op_state(op, "running")
         op.started_at = time.time()
         return [self._event("op.running", op_id, op)]
 
@@ -303,7 +353,7 @@ class Registry:
         if op is None or op.terminal:
             return []
         if op.state == "queued":
-            op.state = "running"
+            self._set_op_state(op, "running")
             op.started_at = time.time()
         op.progress = progress
         return [self._event("op.progress", op_id, op)]
@@ -311,17 +361,20 @@ class Registry:
     def op_finished(
         self,
         op_id: str,
-        state: str,
-        result: dict[str, Any] | None = None,
+        state: OpState,
+        result: OpResult | None = None,
         error: OpError | None = None,
     ) -> list[Event]:
         """The op ended (succeeded, failed or cancelled); a late second ending is ignored."""
         op = self.ops.get(op_id)
         if op is None or op.terminal:
             return []
-        op.state = state
+        self._set_op_state(op, state)
         op.finished_at = time.time()
         self._open.discard(op_id)
+        for key in op.writes():
+            if self._writers.get(key) == op_id:
+                del self._writers[key]
         op.result = result
         op.error = error
         if state == "succeeded" and op.progress.total:
@@ -351,11 +404,13 @@ class Registry:
         self,
         model: str,
         device: str,
-        state: str,
+        state: LocationState,
         *,
         size: int | None = None,
         path: str | None = None,
         op_id: str | None = None,
+        source: str | None = None,
+        revision: str | None = None,
     ) -> list[Event]:
         """Create or update the record of one copy."""
         loc = self.locations.get((model, device))
@@ -367,6 +422,10 @@ class Registry:
             loc.size = size
         if path is not None:
             loc.path = path
+        if source is not None:
+            loc.source = source
+        if revision is not None:
+            loc.revision = revision
         loc.op_id = op_id
         loc.updated_at = time.time()
         return [self._event("location.updated", location_key(model, device), loc)]
@@ -393,6 +452,45 @@ class Registry:
             return []
         service.state = "stopped"
         return [self._event("service.deleted", sid, service)]
+
+    def reconcile_services(self, node_id: str, services: list[Service]) -> list[Event]:
+        """The agent is the truth about what it serves: adopt its list for this node."""
+        events: list[Event] = []
+        reported = {s.service_id for s in services}
+        for old in self.node_services(node_id):
+            if old.service_id not in reported:
+                events.extend(self.remove_service(old.service_id))
+        for svc in services:
+            events.extend(self.set_service(svc))
+        return events
+
+    def reconcile_holdings(self, node_id: str, holdings: list[Holding]) -> list[Event]:
+        """Make the locations on a node match what its agent reports holding. A copy that an
+        open op is writing or deleting is left to that op: the agent's list has only published
+        copies, so a copy being downloaded is missing from it and must not be dropped."""
+        events: list[Event] = []
+        held = {(h.model, f"{node_id}:{h.tier}"): h for h in holdings}
+        for (model, device), loc in list(self.locations.items()):
+            node, _, tier = device.partition(":")
+            if node != node_id or (model, device) in held or self.open_writer(model, device) is not None:
+                continue
+            if tier in STORAGE_TIERS or loc.state == "ready":
+                events.extend(self.remove_location(model, device))
+        for (model, device), h in held.items():
+            current = self.locations.get((model, device))
+            if current is not None and current.state == "ready" and current.size == h.size:
+                continue
+            if self.open_writer(model, device) is not None:
+                continue  # published just now by the op writing it: its result says so
+            if model not in self.models:
+                _, evs = self.register_model(model, "unknown", None, {"discovered_on": node_id})
+                events.extend(evs)
+            events.extend(
+                self.set_location(
+                    model, device, "ready", size=h.size, path=h.path, source=h.source, revision=h.revision
+                )
+            )
+        return events
 
     def node_services(self, node_id: str) -> list[Service]:
         """The services on one node."""
@@ -423,10 +521,41 @@ class Registry:
         events.append(self._job_header(job))
         return events
 
-    def update_job(self, job: Job) -> list[Event]:
-        """The job's own state changed."""
+    def set_job_state(self, job: Job, state: JobState, error: str | None = None) -> list[Event]:
+        """The job's own state changes (start and end times follow)."""
+        check_move(f"job {job.job_id}", JOB_MOVES, job.state, state)
+        job.state = state
+        if error is not None:
+            job.error = error
+        if state == "running" and job.started_at is None:
+            job.started_at = time.time()
+        if job.terminal:
+            job.finished_at = time.time()
         return [self._job_header(job)]
 
-    def update_action(self, job: Job, action: JobAction) -> list[Event]:
-        """One action's state changed (the job's counts with it)."""
+    def update_action(
+        self,
+        job: Job,
+        action: JobAction,
+        state: ActionState,
+        *,
+        error: str | None = None,
+        op_id: str | None = None,
+    ) -> list[Event]:
+        """One action's state changes (the job's counts with it); `op_id` is an op it started."""
+        check_move(f"action {job.job_id}/{action.id}", ACTION_MOVES, action.state, state)
+        now = time.time()
+        action.state = state
+        if error is not None:
+            action.error = error
+        if op_id is not None:
+            action.op_ids = [*action.op_ids, op_id]
+            action.started_at = action.started_at or now
+        if state in ACTION_TERMINAL:
+            action.finished_at = now
         return [self._event("job.action", f"{job.job_id}/{action.id}", action), self._job_header(job)]
+
+    def action_attempt(self, action: JobAction) -> int:
+        """Count one more attempt of an action (persisted with its next state change)."""
+        action.attempts += 1
+        return action.attempts

@@ -21,7 +21,8 @@ from typing import Any
 
 import msgspec
 
-from gswarm.protocol import Event, Job, JobAction, Location, Model, Node, Op, Service, encode, event_decoder
+from gswarm.ops import Op, tag_row
+from gswarm.protocol import Event, Job, JobAction, Location, Model, Node, Service, encode, event_decoder
 
 _TABLES = {
     "model": "models",
@@ -115,7 +116,11 @@ class Store:
             tables: dict[str, list[Any]] = {}
             for table, typ in _ENTITY_TYPES.items():
                 rows = conn.execute(f"SELECT body FROM {table}").fetchall()
-                tables[table] = [msgspec.json.decode(r[0], type=typ) for r in rows]
+                if table == "ops":
+                    # Rows written before args and results carried their kind are tagged first.
+                    tables[table] = [msgspec.convert(tag_row(msgspec.json.decode(r[0])), Op) for r in rows]
+                else:
+                    tables[table] = [msgspec.json.decode(r[0], type=typ) for r in rows]
             row = conn.execute("SELECT MAX(seq) FROM events").fetchone()
             meta = conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
             last_seq = max(row[0] or 0, int(meta[0]) if meta else 0)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import msgspec
 import yaml
 
 from gswarm.devices import parse_device, validate_model_name
@@ -24,7 +25,6 @@ from gswarm.errors import GswarmError, InvalidWorkflow
 from gswarm.sources import parse_source
 
 MAX_ACTIONS = 1000
-ACTIONS = ("download", "copy", "move", "delete", "load", "serve", "stop", "replicate", "health_check")
 
 _LONG_FORM = {
     "action_id": "id",
@@ -34,22 +34,150 @@ _LONG_FORM = {
     "source_device": "from",
     "dependencies": "depends_on",
 }
-_KNOWN = {
-    "id", "action", "model", "source", "target", "from", "to", "device", "port", "keep_source", "depends_on",
-    "retries", "timeout", "continue_on_error", "backend", "config", "targets", "all_nodes", "node", "include",
-    "exclude", "force", "target_device", "description",
-}  # fmt: skip
-_REQUIRED = {
-    "download": ("model", "source", "target"),
-    "copy": ("model", "from", "to"),
-    "move": ("model", "from", "to"),
-    "delete": ("model", "device"),
-    "load": ("model", "device"),
-    "serve": ("model", "device", "port"),
-    "stop": ("model", "device"),
-    "replicate": ("model",),
-    "health_check": (),
+_COMMON = frozenset(
+    {"id", "action", "depends_on", "retries", "timeout", "continue_on_error", "description", "target_device"}
+)
+"""Keys every action may carry besides its kind's own fields."""
+
+
+# ---------------------------------------------------------------- one Struct per action kind
+
+
+class Action(msgspec.Struct, tag_field="action", kw_only=True, omit_defaults=True):
+    """The fields of one action as a job file writes them; the subclass is the kind."""
+
+    model: str = ""
+
+    def writes(self) -> list[str]:
+        """The devices whose copy of `model` this action writes (the locks it must hold)."""
+        return []
+
+
+class DownloadAction(Action, tag="download"):
+    """`download`: fetch `model` from `source` onto `target` (disk or dram)."""
+
+    model: str
+    source: str
+    target: str
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+    def writes(self) -> list[str]:
+        return [self.target]
+
+
+class CopyAction(Action, tag="copy"):
+    """`copy`: copy `model` from one device to another."""
+
+    model: str
+    from_: str = msgspec.field(name="from")
+    to: str
+    keep_source: bool = False
+
+    def writes(self) -> list[str]:
+        return [self.to]
+
+
+class MoveAction(Action, tag="move"):
+    """`move`: move `model` (the source goes once the target is verified)."""
+
+    model: str
+    from_: str = msgspec.field(name="from")
+    to: str
+    keep_source: bool = False
+
+    def writes(self) -> list[str]:
+        return [self.from_, self.to]
+
+
+class DeleteAction(Action, tag="delete"):
+    """`delete`: remove the copy on `device`."""
+
+    model: str
+    device: str
+    force: bool = False
+
+    def writes(self) -> list[str]:
+        return [self.device]
+
+
+class LoadAction(Action, tag="load"):
+    """`load`: make `model` resident on a GPU (`node:gpuN`)."""
+
+    model: str
+    device: str
+    from_: str | None = msgspec.field(default=None, name="from")
+
+    def writes(self) -> list[str]:
+        return [self.device]
+
+
+class ServeAction(Action, tag="serve"):
+    """`serve`: start a server for `model` on `device` at `port`."""
+
+    model: str
+    device: str
+    port: int
+    backend: str | None = None
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    """The backend's own options, passed through."""
+
+    def writes(self) -> list[str]:
+        return [self.device]
+
+
+class StopAction(Action, tag="stop"):
+    """`stop`: stop the service of `model` on `device`."""
+
+    model: str
+    device: str
+
+    def writes(self) -> list[str]:
+        return [self.device]
+
+
+class ReplicateAction(Action, tag="replicate"):
+    """`replicate`: spread `model` to `targets` or to every online node's tier."""
+
+    model: str
+    targets: list[str] | None = None
+    all_nodes: Literal["disk", "dram"] | None = None
+    from_: str | None = msgspec.field(default=None, name="from")
+
+    def writes(self) -> list[str]:
+        return list(self.targets or [])
+
+
+class HealthCheckAction(Action, tag="health_check"):
+    """`health_check`: a service (`model` and `device`) or a node."""
+
+    device: str | None = None
+    node: str | None = None
+
+
+ActionFields = (
+    DownloadAction
+    | CopyAction
+    | MoveAction
+    | DeleteAction
+    | LoadAction
+    | ServeAction
+    | StopAction
+    | ReplicateAction
+    | HealthCheckAction
+)
+ACTION_TYPES: dict[str, type[Action]] = {
+    "download": DownloadAction,
+    "copy": CopyAction,
+    "move": MoveAction,
+    "delete": DeleteAction,
+    "load": LoadAction,
+    "serve": ServeAction,
+    "stop": StopAction,
+    "replicate": ReplicateAction,
+    "health_check": HealthCheckAction,
 }
+ACTIONS = tuple(ACTION_TYPES)
 
 
 @dataclass
@@ -57,17 +185,27 @@ class ActionSpec:
     """One validated action of a job."""
 
     id: str
-    action: str
-    fields: dict[str, Any]
+    fields: ActionFields
     depends_on: list[str] = field(default_factory=list)
     retries: int = 0
     timeout: float | None = None
     continue_on_error: bool = False
 
     @property
+    def action(self) -> str:
+        """The action's kind."""
+        return _kind(self.fields)
+
+    @property
     def model(self) -> str:
         """The model the action is about ('' for a node health check)."""
-        return str(self.fields.get("model") or "")
+        return self.fields.model
+
+
+def _kind(fields_: Action) -> str:
+    info = msgspec.inspect.type_info(type(fields_))
+    assert isinstance(info, msgspec.inspect.StructType) and isinstance(info.tag, str)
+    return info.tag
 
 
 @dataclass
@@ -125,6 +263,8 @@ def load_text(text: str, filename: str = "job") -> dict[str, Any]:
 
 
 def _check_device(problems: Problems, where: str, name: str, value: Any, gpu: bool | None = None) -> None:
+    if value in (None, ""):
+        return  # missing: reported as such
     try:
         dev = parse_device(str(value) if value is not None else "", name)
     except GswarmError as exc:
@@ -183,16 +323,11 @@ def validate(data: dict[str, Any], max_actions: int = MAX_ACTIONS) -> JobSpec:
         if aid in ids:
             problems.add(where, "id", f"duplicate id {aid!r}")
         ids.add(aid)
-        if kind not in ACTIONS:
+        if kind not in ACTION_TYPES:
             problems.add(where, "action", f"unknown action {kind!r}: expected one of {', '.join(ACTIONS)}")
             continue
-        for key in fields_:
-            if key not in _KNOWN:
-                problems.add(where, key, f"unknown field {key!r}")
-        for key in _REQUIRED[kind]:
-            if fields_.get(key) in (None, ""):
-                problems.add(where, key, f"{kind} needs {key!r}")
-        _check_fields(problems, where, kind, fields_)
+        typed, _ = _typed_fields(problems, where, str(kind), fields_)
+        _check_fields(problems, where, typed)
         deps = fields_.get("depends_on")
         if deps is None:
             dep_list: list[str] = []
@@ -220,8 +355,7 @@ def validate(data: dict[str, Any], max_actions: int = MAX_ACTIONS) -> JobSpec:
         actions.append(
             ActionSpec(
                 id=aid,
-                action=str(kind),
-                fields=fields_,
+                fields=typed,
                 depends_on=dep_list,
                 retries=retries,
                 timeout=float(timeout) if timeout else None,
@@ -243,55 +377,106 @@ def validate(data: dict[str, Any], max_actions: int = MAX_ACTIONS) -> JobSpec:
     return JobSpec(name=str(name), description=str(description), actions=actions)
 
 
-def _check_fields(problems: Problems, where: str, kind: str, f: dict[str, Any]) -> None:
-    if f.get("model") not in (None, ""):
+_WHAT = {
+    "port": "a port (1-65535)",
+    "keep_source": "true or false",
+    "force": "true or false",
+    "targets": "a list of devices",
+    "include": "a list of patterns",
+    "exclude": "a list of patterns",
+    "config": "a mapping",
+    "all_nodes": "disk or dram",
+}
+
+
+def _blank(typ: Any) -> Any:
+    """A stand-in for a missing or mistyped required field, so the other fields still get
+    their checks (every problem is reported at once)."""
+    if typ is int:
+        return 0
+    if typ is str:
+        return ""
+    return []
+
+
+def _typed_fields(
+    problems: Problems, where: str, kind: str, raw: dict[str, Any]
+) -> tuple[ActionFields, bool]:
+    """The action as its kind's Struct (bad fields blanked) and whether every field was fine;
+    every unknown, missing or mistyped field is a problem."""
+    cls = ACTION_TYPES[kind]
+    info = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    ok = True
+    good: dict[str, Any] = {"action": kind}
+    for key, value in raw.items():
+        f = info.get(key)
+        if f is None:
+            if key not in _COMMON:
+                problems.add(where, key, f"unknown field {key!r}")
+                ok = False
+            continue
+        if f.required and value in (None, ""):
+            continue  # reported below as missing
         try:
-            validate_model_name(f["model"], "model")
+            msgspec.convert(value, f.type)
+        except msgspec.ValidationError as exc:
+            why = str(exc).split(" - at ")[0].replace("Expected", "expected")
+            problems.add(where, key, f"{value!r} is not {_WHAT.get(key, 'valid')} ({why})")
+            ok = False
+            continue
+        good[key] = value
+    for name, f in info.items():
+        if f.required and name not in good:
+            if raw.get(name) in (None, ""):
+                problems.add(where, name, f"{kind} needs {name!r}")
+            ok = False
+            good[name] = _blank(f.type)
+    typed: ActionFields = msgspec.convert(good, ActionFields)
+    return typed, ok
+
+
+def _check_fields(problems: Problems, where: str, f: ActionFields) -> None:
+    """The checks beyond types: names, sources, device addresses, ports (blank fields skipped)."""
+    if f.model:
+        try:
+            validate_model_name(f.model, "model")
         except GswarmError as exc:
             problems.add(where, "model", exc.message)
-    if kind == "download" and f.get("source"):
-        try:
-            parse_source(str(f["source"]))
-        except GswarmError as exc:
-            problems.add(where, "source", exc.message)
-    if kind == "download" and f.get("target"):
-        _check_device(problems, where, "target", f["target"], gpu=False)
-    if kind in ("copy", "move"):
-        if f.get("from"):
-            _check_device(problems, where, "from", f["from"], gpu=False)
-        if f.get("to"):
-            _check_device(problems, where, "to", f["to"])
-        if "keep_source" in f and not isinstance(f["keep_source"], bool):
-            problems.add(where, "keep_source", "true or false")
-    if kind in ("delete", "stop", "serve") and f.get("device"):
-        _check_device(problems, where, "device", f["device"])
-    if kind == "load" and f.get("device"):
-        _check_device(problems, where, "device", f["device"], gpu=True)
-    if kind == "serve" and f.get("port") is not None:
-        port = f["port"]
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            problems.add(where, "port", f"{port!r} is not a port (1-65535)")
-    if kind == "serve" and "config" in f and not isinstance(f["config"], dict):
-        problems.add(where, "config", "a mapping")
-    if kind == "replicate":
-        targets = f.get("targets")
-        if targets is None and not f.get("all_nodes"):
-            problems.add(
-                where, "targets", "replicate needs targets (a list of devices) or all_nodes (disk or dram)"
-            )
-        elif targets is not None:
-            if not isinstance(targets, list) or not targets:
-                problems.add(where, "targets", "a non-empty list of devices")
-            else:
-                for t in targets:
+    match f:
+        case DownloadAction():
+            if f.source:
+                try:
+                    parse_source(f.source)
+                except GswarmError as exc:
+                    problems.add(where, "source", exc.message)
+            _check_device(problems, where, "target", f.target, gpu=False)
+        case CopyAction() | MoveAction():
+            _check_device(problems, where, "from", f.from_, gpu=False)
+            _check_device(problems, where, "to", f.to)
+        case DeleteAction() | StopAction():
+            _check_device(problems, where, "device", f.device)
+        case ServeAction():
+            _check_device(problems, where, "device", f.device)
+            if f.port and not 1 <= f.port <= 65535:
+                problems.add(where, "port", f"{f.port!r} is not a port (1-65535)")
+        case LoadAction():
+            _check_device(problems, where, "device", f.device, gpu=True)
+            if f.from_ is not None:
+                _check_device(problems, where, "from", f.from_, gpu=False)
+        case ReplicateAction():
+            if f.targets is None and not f.all_nodes:
+                why = "replicate needs targets (a list of devices) or all_nodes (disk or dram)"
+                problems.add(where, "targets", why)
+            elif f.targets is not None:
+                if not f.targets:
+                    problems.add(where, "targets", "a non-empty list of devices")
+                for t in f.targets:
                     _check_device(problems, where, "targets", t, gpu=False)
-        if f.get("all_nodes") not in (None, "disk", "dram"):
-            problems.add(where, "all_nodes", "disk or dram")
-    if kind == "health_check":
-        if f.get("device"):
-            _check_device(problems, where, "device", f["device"])
-        if not f.get("device") and not f.get("node"):
-            problems.add(where, "device", "health_check needs a device (with model: a service) or a node")
+        case HealthCheckAction():
+            if f.device:
+                _check_device(problems, where, "device", f.device)
+            if not f.device and not f.node:
+                problems.add(where, "device", "health_check needs a device (with model: a service) or a node")
 
 
 def _implicit_dependencies(actions: list[ActionSpec], explicit: set[str]) -> None:

@@ -56,7 +56,7 @@ async def test_probe_runs_end_to_end(head: HeadServer, agents: AgentRunner, clie
     assert op.state == "queued"
     final = await client.wait_op(op.op_id, on_progress=lambda o: seen.append(o.state), timeout=10)
     assert final.state == "succeeded"
-    assert final.result is not None and final.result["holdings"][0]["model"] == "tiny"
+    assert final.result is not None and final.result.holdings[0].model == "tiny"
     model = await client.get_model("tiny")
     assert [(loc.device, loc.state, loc.size) for loc in model.locations] == [("worker1:disk", "ready", 10)]
     kinds = [e.kind for e in await client.list_events(0, ["op"])]

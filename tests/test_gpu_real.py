@@ -43,7 +43,7 @@ async def test_nvml_inventory_load_and_serve_on_gpu0(
     assert (await client.download("tiny-llm", "org/tiny-llm", "g1:dram", wait=True)).state == "succeeded"
     op = await client.load("tiny-llm", "g1:gpu0", wait=True)
     assert op.state == "succeeded", op.error
-    assert op.result is not None and op.result["path"] == "cuda:0"
+    assert op.result is not None and op.result.path == "cuda:0"
     port = free_port()
     assert (await client.serve("tiny-llm", "g1:gpu0", port, wait=True)).state == "succeeded"
     body = await _post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "hello", "max_tokens": 4})

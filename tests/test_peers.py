@@ -34,7 +34,7 @@ async def test_copy_and_move_between_nodes(
     await _seed(client, tiny_repo_dir, "w1:disk")
     op = await client.copy("m", "w1:disk", "w2:dram", wait=True)
     assert op.state == "succeeded", op.error
-    assert op.node_id == "w2" and op.result is not None and op.result["from_peer"] == "w1"
+    assert op.node_id == "w2" and op.result is not None and op.result.from_peer == "w1"
     assert tree_bytes(w2.stores["dram"].model_dir("m")) == tree_bytes(tiny_repo_dir)
     # the other way round
     await client.delete_location("m", "w1:disk", wait=True)
@@ -60,11 +60,11 @@ async def test_download_prefers_a_peer_over_the_hub(
     assert (await client.download("tiny", "org/tiny", "w1:disk", wait=True)).state == "succeeded"
     served = hub.total_bytes_served
     op = await client.download("tiny", "org/tiny", "w2:disk", wait=True)
-    assert op.state == "succeeded" and op.result is not None and op.result["from_peer"] == "w1"
+    assert op.state == "succeeded" and op.result is not None and op.result.from_peer == "w1"
     assert hub.total_bytes_served == served  # not one byte more from the Hub
     assert tree_bytes(w2.stores["disk"].model_dir("tiny")) == tree_bytes(tiny_repo_dir)
     op = await client.download("tiny", "org/tiny", "w2:dram", prefer_peer=False, wait=True)
-    assert op.state == "succeeded" and op.result is not None and not op.result["from_peer"]
+    assert op.state == "succeeded" and op.result is not None and not op.result.from_peer
     assert hub.total_bytes_served > served
 
 
@@ -146,7 +146,7 @@ async def test_peer_dying_mid_transfer_hands_over_to_another_holder(
     w1.signal(signal.SIGKILL)  # the source dies mid-transfer
     final = await client.wait_op(op.op_id, timeout=60)
     assert final.state == "succeeded", final.error
-    assert final.result is not None and final.result["from_peer"] == "w2"
+    assert final.result is not None and final.result.from_peer == "w2"
     assert tree_bytes(w3.stores["disk"].model_dir("m")) == tree_bytes(tiny_repo_dir)
 
 
@@ -190,11 +190,11 @@ async def test_replication_to_five_with_one_killed(
     )
     await agents.stop(victim)
     final = await client.wait_op(op.op_id, timeout=90)
-    results = final.result["targets"] if final.result else {}
+    results = final.result.targets if final.result else {}
     assert set(results) == set(targets)
-    ok = {t for t, r in results.items() if r["state"] == "succeeded"}
+    ok = {t for t, r in results.items() if r.state == "succeeded"}
     assert ok == set(targets) - {f"{victim}:disk"}
-    assert results[f"{victim}:disk"]["state"] == "failed"
+    assert results[f"{victim}:disk"].state == "failed"
     assert (
         final.state == "failed" and final.error is not None and final.error.code == "replication_incomplete"
     )
@@ -203,7 +203,7 @@ async def test_replication_to_five_with_one_killed(
             tiny_repo_dir
         )
     # A tree, not a star: some target was fed by another target.
-    sources = {r["from"] for r in results.values() if r["state"] == "succeeded"}
+    sources = {r.source for r in results.values() if r.state == "succeeded"}
     assert sources - {"w1", "w1:disk"}
 
 
@@ -230,13 +230,13 @@ async def test_replication_pipelines_through_targets_still_downloading(
     await _seed(client, tiny_repo_dir, "w1:disk")
     op = await client.replicate("m", ["w2:disk", "w3:disk", "w4:disk"], max_fanout=1, wait=True)
     assert op.state == "succeeded", op.error
-    results = op.result["targets"] if op.result else {}
-    fed_by_target = [t for t, r in results.items() if r["from"] in ("w2", "w3", "w4")]
+    results = op.result.targets if op.result else {}
+    fed_by_target = [t for t, r in results.items() if r.source in ("w2", "w3", "w4")]
     assert fed_by_target, results
     reg = head.head.registry
     for t in fed_by_target:
-        child = reg.ops[results[t]["op_id"]]
-        feeder = next(o for o in reg.ops.values() if o.kind == "fetch" and o.node_id == results[t]["from"])
+        child = reg.ops[results[t].op_id]
+        feeder = next(o for o in reg.ops.values() if o.kind == "fetch" and o.node_id == results[t].source)
         assert child.started_at is not None and feeder.finished_at is not None
         assert child.started_at < feeder.finished_at  # pipelined, not hop after hop
         node = agents.agents[t.split(":")[0]]

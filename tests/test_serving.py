@@ -71,9 +71,9 @@ async def test_template_service_lifecycle(head: HeadServer, node: Agent, client:
     assert "GET / HTTP" in text
 
     health = await client.health_check("m", "w1:disk")
-    assert health.state == "succeeded" and health.result is not None and health.result["healthy"]
+    assert health.state == "succeeded" and health.result is not None and health.result.healthy
     node_health = await client.health_check(node_id="w1")
-    assert node_health.result is not None and node_health.result["services"] == {"m@w1:disk": True}
+    assert node_health.result is not None and node_health.result.services == {"m@w1:disk": True}
 
     op = await client.stop_service("m", "w1:disk", wait=True)
     assert op.state == "succeeded", op.error

@@ -65,12 +65,12 @@ async def test_load_serve_restart_stop_on_simulated_gpu(
 
     op = await client.load("tiny-llm", "w1:gpu0", wait=True)
     assert op.state == "succeeded", op.error
-    assert op.result is not None and op.result["source_tier"] == "dram" and op.result["size"] > 0
+    assert op.result is not None and op.result.source_tier == "dram" and op.result.size > 0
     locs = {loc.device: loc.state for loc in (await client.get_model("tiny-llm")).locations}
     assert locs == {"w1:dram": "ready", "w1:gpu0": "ready"}
     probe = await client.probe("w1", wait=True)
-    gpu = probe.result["inventory"]["gpus"][0] if probe.result else {}
-    assert gpu["simulated"] and gpu["memory_free"] == (1 << 30) - op.result["size"]
+    gpu = probe.result.inventory.gpus[0]
+    assert gpu.simulated and gpu.memory_free == (1 << 30) - op.result.size
 
     port = free_port()
     op = await client.serve("tiny-llm", "w1:gpu0", port, wait=True)

@@ -122,7 +122,7 @@ async def test_existing_copy_succeeds_at_once(
     await agents.start(head, "w1")
     await client.download("m", f"file://{tiny_repo_dir}", "w1:disk", wait=True)
     again = await client.download("m", f"file://{tiny_repo_dir}", "w1:disk")
-    assert again.state == "succeeded" and again.result is not None and again.result["already_present"]
+    assert again.state == "succeeded" and again.result is not None and again.result.already_present
 
 
 async def test_same_download_twice_joins_the_running_op(

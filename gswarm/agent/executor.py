@@ -1,8 +1,14 @@
-"""Runs ops on the agent: one task per op, cancellation, coalesced progress, and an outbox
-of final results that lives until the head acknowledges them.
+"""Runs ops on the agent: one task per op, cancellation, coalesced progress, an outbox of final
+results that lives until the head acknowledges them, and a two-stage stop.
 
-An op kind is one async handler registered with `@op_handler("kind")`; it gets an
-`OpContext` (for progress and the agent's parts) and the op's args, and returns its result.
+The executor knows no op kind: it decodes a command's args by kind (`gswarm.ops`) and hands
+them to the agent's handler table (`agent.handlers.run_op`), which it is given.
+
+Stopping (SIGTERM, Ctrl-C) happens in two stages, as arq and Kubernetes do: first no new op is
+taken, then the running ones are cancelled as a *shutdown*: their handlers keep what they have
+written (partial copies and resume state stay on disk) and no result is sent, so the head keeps
+the op open and hands it to the agent's next run, which resumes. Only a user's cancel (or the
+head's timeout) throws unfinished work away. A stop never loses more than a crash.
 """
 
 from __future__ import annotations
@@ -10,20 +16,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+import msgspec
+
+from gswarm.agent.context import OpContext, Reply
 from gswarm.errors import GswarmError
+from gswarm.ops import OpArgs, OpResult, UnknownKind, decode_args
 from gswarm.protocol import (
     Accepted,
     AgentMessage,
     Command,
     Failed,
-    Holding,
     OpError,
-    Progress,
     Succeeded,
+    encode,
 )
 
 if TYPE_CHECKING:
@@ -31,110 +39,54 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RunOp = Callable[[OpContext, OpArgs], Awaitable[OpResult | Reply]]
+"""The handler table: runs one op's typed args, returns its typed result."""
 
-class OpResult:
-    """What a handler may return besides its result dict: fresh holdings for the head."""
-
-    def __init__(self, result: dict[str, Any], holdings: list[Holding] | None = None) -> None:
-        self.result = result
-        self.holdings = holdings
-
-
-Handler = Callable[["OpContext", dict[str, Any]], Awaitable[dict[str, Any] | OpResult]]
-HANDLERS: dict[str, Handler] = {}
-
-
-def op_handler(kind: str) -> Callable[[Handler], Handler]:
-    """Register the agent-side handler of an op kind."""
-
-    def register(fn: Handler) -> Handler:
-        HANDLERS[kind] = fn
-        return fn
-
-    return register
-
-
-class OpContext:
-    """Handed to a handler: the op's identity, the agent, and progress reporting."""
-
-    def __init__(
-        self, agent: Agent, op_id: str, kind: str, send: Callable[[AgentMessage], None] | None = None
-    ) -> None:
-        self.agent = agent
-        self._send = send
-        self.op_id = op_id
-        self.kind = kind
-        self.done = 0
-        self.total = 0
-        self.message = ""
-        self.dirty = False
-        self.peer = ""
-        """The node a copy came from, when it came from a peer."""
-        self.progress_source: Callable[[], int] | None = None
-        """Set by handlers whose worker threads count bytes; polled on every tick."""
-        self._rate_mark: tuple[float, int] = (time.monotonic(), 0)
-        self.rate = 0.0
-
-    def progress(self, done: int, total: int | None = None, message: str | None = None) -> None:
-        """Record progress; the executor sends it, coalesced, at most every interval. A new
-        phase (a new message) goes out at once, so even a short phase is seen."""
-        self.done = done
-        if total is not None:
-            self.total = total
-        self.dirty = True
-        if message is not None and message != self.message:
-            self.message = message
-            if self._send is not None:
-                self._send(self.snapshot())
-
-    def snapshot(self) -> Progress:
-        """The progress message to send now, with a smoothed rate."""
-        if self.progress_source is not None:
-            self.done = self.progress_source()
-        now = time.monotonic()
-        t0, d0 = self._rate_mark
-        if now - t0 >= 0.5:
-            inst = (self.done - d0) / (now - t0)
-            self.rate = inst if self.rate == 0 else 0.5 * self.rate + 0.5 * inst
-            self._rate_mark = (now, self.done)
-        self.dirty = False
-        return Progress(
-            op_id=self.op_id,
-            done=self.done,
-            total=self.total,
-            rate=round(self.rate, 1),
-            message=self.message,
-        )
+STOP_GRACE = 8.0
+"""Seconds running ops get to checkpoint when the agent stops (the whole stop stays under 10 s)."""
 
 
 class Executor:
     """Every op this agent runs or has finished but not yet had acknowledged."""
 
-    def __init__(self, agent: Agent, send: Callable[[AgentMessage], None], interval: float):
+    def __init__(
+        self, agent: Agent, send: Callable[[AgentMessage], None], interval: float, run_op: RunOp
+    ) -> None:
         self._agent = agent
         self._send = send
         self._interval = interval
+        self._run_op = run_op
         self.running: dict[str, tuple[asyncio.Task[None], OpContext]] = {}
         self.outbox: dict[str, Succeeded | Failed] = {}
         self._acked: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._ticker: asyncio.Task[None] | None = None
+        self.stopping = False
 
     def start(self) -> None:
         """Start the progress ticker."""
         self._ticker = asyncio.create_task(self._tick(), name="progress-ticker")
 
     async def close(self) -> None:
-        """Cancel every op and the ticker, and wait for them."""
-        tasks = [t for t, _ in self.running.values()]
+        """Stop in two stages: take no new op, then let running ops checkpoint (their work stays
+        to resume) and wait for them, at most `STOP_GRACE` seconds."""
+        self.stopping = True
+        entries = list(self.running.values())
+        for task, ctx in entries:
+            ctx.shutting_down = True
+            task.cancel()
+        tasks = [t for t, _ in entries]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=STOP_GRACE)
+            for task in late:
+                log.warning("op task %s did not stop within %.0f s", task.get_name(), STOP_GRACE)
         if self._ticker is not None:
-            tasks.append(self._ticker)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
 
     def submit(self, cmd: Command) -> None:
-        """Start an op, unless it is a duplicate delivery."""
-        if cmd.op_id in self.running or cmd.op_id in self._acked:
+        """Start an op, unless it is a duplicate delivery (or the agent is stopping: the head
+        hands it to the next run)."""
+        if self.stopping or cmd.op_id in self.running or cmd.op_id in self._acked:
             return
         if cmd.op_id in self.outbox:
             self._send(self.outbox[cmd.op_id])
@@ -144,9 +96,11 @@ class Executor:
         self.running[cmd.op_id] = (task, ctx)
 
     def cancel(self, op_id: str) -> None:
-        """Stop an op's work (its result says `cancelled`)."""
+        """Stop an op's work at the user's (or the head's) word: its unfinished work goes, and its
+        result says `cancelled`."""
         entry = self.running.get(op_id)
         if entry is not None:
+            entry[1].user_cancelled = True
             entry[0].cancel()
 
     def ack(self, op_id: str) -> None:
@@ -165,16 +119,25 @@ class Executor:
         msg: Succeeded | Failed
         self._send(Accepted(op_id=cmd.op_id))
         try:
-            handler = HANDLERS.get(cmd.kind)
-            if handler is None:
-                raise GswarmError(f"this agent has no handler for op kind {cmd.kind!r}", code="unsupported")
-            coro = handler(ctx, cmd.args)
+            try:
+                args = decode_args(cmd.kind, cmd.args)
+            except UnknownKind:
+                raise GswarmError(
+                    f"this agent has no handler for op kind {cmd.kind!r}", code="unsupported"
+                ) from None
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise GswarmError(f"invalid {cmd.kind} args: {exc}", code="bad_args") from None
+            coro = self._run_op(ctx, args)
             out = await (asyncio.wait_for(coro, cmd.timeout) if cmd.timeout else coro)
-            if isinstance(out, OpResult):
-                msg = Succeeded(op_id=cmd.op_id, result=out.result, holdings=out.holdings)
-            else:
-                msg = Succeeded(op_id=cmd.op_id, result=out)
+            reply = out if isinstance(out, Reply) else Reply(out)
+            msg = Succeeded(
+                op_id=cmd.op_id, result=msgspec.Raw(encode(reply.result)), holdings=reply.holdings
+            )
         except asyncio.CancelledError:
+            if ctx.shutting_down and not ctx.user_cancelled:
+                # The op stays open on the head, which hands it to the next run: no result.
+                self.running.pop(cmd.op_id, None)
+                raise
             msg = Failed(op_id=cmd.op_id, error=OpError("cancelled", "cancelled"))
         except TimeoutError:
             msg = Failed(op_id=cmd.op_id, error=OpError("timed_out", f"timed out after {cmd.timeout:g} s"))

@@ -12,10 +12,10 @@ from typing import Any
 from gswarm import PROTOCOL_VERSION, __version__
 from gswarm.agent import inventory as inventory_mod
 from gswarm.agent import serving as serving
-from gswarm.agent import tier_ops as tier_ops
 from gswarm.agent.dataserver import DataServer
-from gswarm.agent.executor import Executor, OpContext, OpResult, op_handler
+from gswarm.agent.executor import Executor, RunOp
 from gswarm.agent.gpu import GpuPool, GpuProbe
+from gswarm.agent.handlers import run_op
 from gswarm.agent.session import Session
 from gswarm.agent.stores import TierStore
 from gswarm.config import Settings
@@ -31,12 +31,11 @@ from gswarm.protocol import (
     HoldingsChanged,
     Inventory,
     Welcome,
-    to_builtins,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Agent", "serving", "tier_ops"]
+__all__ = ["Agent"]
 
 
 class Agent:
@@ -56,6 +55,7 @@ class Agent:
         data_host: str = "",
         data_bandwidth: int | None = None,
         serving_config: serving.ServingConfig | None = None,
+        run_op: RunOp = run_op,
     ) -> None:
         self.node_id = validate_node_id(node_id)
         self.token = token
@@ -73,7 +73,8 @@ class Agent:
         log_dir = disk_dir / ".gswarm-logs"
         self.gpu_pool = GpuPool(self.gpus, log_dir, self._gpu_lost)
         self.services = serving.ServiceManager(self, serving_config or serving.ServingConfig(), log_dir)
-        self.executor = Executor(self, self.send, self.settings.progress_interval)
+        self.executor = Executor(self, self.send, self.settings.progress_interval, run_op)
+        """Runs ops through `run_op`: the handler table (an embedding program may wrap it)."""
         self.session = Session(head_url, self.settings, self._hello, self._on_message, self._on_connected)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -176,11 +177,3 @@ class Agent:
             await self.gpu_pool.close()
             if self.dataserver is not None:
                 await self.dataserver.stop()
-
-
-@op_handler("probe")
-async def probe(ctx: OpContext, args: dict[str, Any]) -> OpResult:
-    """Re-read inventory and holdings and report them."""
-    inventory = await ctx.agent.inventory()
-    holdings = await ctx.agent.holdings()
-    return OpResult({"inventory": to_builtins(inventory), "holdings": to_builtins(holdings)}, holdings)

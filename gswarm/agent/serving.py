@@ -27,11 +27,24 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 
-from gswarm.agent.executor import OpContext, op_handler
+from gswarm.agent.context import OpContext
 from gswarm.agent.gpu import WorkerHandle
 from gswarm.devices import parse_device
 from gswarm.errors import BadRequest, Conflict, GswarmError, NotFound
+from gswarm.ops import (
+    HealthCheckArgs,
+    HealthCheckResult,
+    LoadArgs,
+    LoadResult,
+    LogsArgs,
+    LogsResult,
+    ServeArgs,
+    ServeResult,
+    StopArgs,
+    StopResult,
+)
 from gswarm.protocol import Service, ServiceChanged, service_id
+from gswarm.states import ServiceState
 
 if TYPE_CHECKING:
     from gswarm.agent.main import Agent
@@ -262,12 +275,14 @@ class ServiceManager:
             raise
         self._spare = spare
 
-    def _alive(self, rt: Runtime) -> bool:
+    def alive(self, rt: Runtime) -> bool:
+        """True while the service's process (or its GPU worker) runs."""
         if rt.proc is not None:
             return rt.proc.returncode is None
         return rt.worker is not None and rt.worker.alive
 
-    async def _healthy(self, rt: Runtime) -> bool:
+    async def healthy(self, rt: Runtime) -> bool:
+        """True when the service's health endpoint answers."""
         path = rt.template.health if rt.template is not None else "/health"
         url = f"http://127.0.0.1:{rt.service.port}{path}"
         try:
@@ -279,13 +294,13 @@ class ServiceManager:
     async def _wait_ready(self, rt: Runtime) -> None:
         deadline = time.monotonic() + self.config.ready_timeout
         while time.monotonic() < deadline:
-            if not self._alive(rt):
+            if not self.alive(rt):
                 code = rt.proc.returncode if rt.proc is not None else "?"
                 raise GswarmError(
                     f"the {rt.service.backend} server exited ({code}) before it was ready",
                     code="backend_failed",
                 )
-            if await self._healthy(rt):
+            if await self.healthy(rt):
                 rt.service.state = "ready"
                 rt.service.error = ""
                 self._emit(rt)
@@ -303,9 +318,9 @@ class ServiceManager:
             rt.wake.clear()
             if rt.stopping:
                 return
-            if self._alive(rt):
-                healthy = await self._healthy(rt)
-                state = "ready" if healthy else "unhealthy"
+            if self.alive(rt):
+                healthy = await self.healthy(rt)
+                state: ServiceState = "ready" if healthy else "unhealthy"
                 if state != rt.service.state:
                     rt.service.state = state
                     self._emit(rt)
@@ -429,19 +444,8 @@ async def load_model(
 # ---------------------------------------------------------------- op handlers
 
 
-class LoadArgs(msgspec.Struct):
-    """Args of a `load` op."""
-
-    model_name: str
-    gpu: int
-    source_tier: str | None = None
-    remove_source: bool = False
-
-
-@op_handler("load")
-async def load(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+async def load(ctx: OpContext, args: LoadArgs) -> LoadResult:
     """Make a model resident in a GPU's memory, with byte progress."""
-    args = msgspec.convert(raw, LoadArgs)
     ctx.progress(0, 0, f"loading onto gpu{args.gpu}")
     source_tier, resident = await load_model(
         ctx.agent, args.model_name, args.gpu, args.source_tier, ctx.progress
@@ -451,31 +455,21 @@ async def load(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
         removed = await asyncio.to_thread(ctx.agent.stores[source_tier].remove, args.model_name)
         ctx.agent.holdings_changed()
     device = ctx.agent.gpu_pool.workers[args.gpu].device
-    return {
-        "model": args.model_name,
-        "tier": f"gpu{args.gpu}",
-        "size": resident,
-        "path": device,
-        "source_tier": source_tier,
-        "removed_source": removed,
-    }
+    manifest = await asyncio.to_thread(ctx.agent.stores[source_tier].manifest, args.model_name)
+    return LoadResult(
+        model=args.model_name,
+        tier=args.tier,
+        size=resident,
+        path=device,
+        source=manifest.source if manifest is not None else "",
+        revision=manifest.revision if manifest is not None else "",
+        source_tier=source_tier,
+        removed_source=removed,
+    )
 
 
-class ServeArgs(msgspec.Struct):
-    """Args of a `serve` op."""
-
-    model_name: str
-    device: str
-    port: int
-    backend: str = "builtin"
-    config: dict[str, Any] = msgspec.field(default_factory=dict)
-    host: str = "127.0.0.1"
-
-
-@op_handler("serve")
-async def serve(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+async def serve(ctx: OpContext, args: ServeArgs) -> ServeResult:
     """Start a service; succeeds once its health endpoint answers."""
-    args = msgspec.convert(raw, ServeArgs)
     dev = parse_device(args.device)
     if dev.is_gpu:
         _, model_dir = await local_copy(ctx.agent, args.model_name, None)
@@ -485,63 +479,48 @@ async def serve(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
     svc = await ctx.agent.services.start(
         args.model_name, str(dev), args.backend, args.port, args.config, model_dir, args.host
     )
-    return {"service_id": svc.service_id, "url": svc.url, "state": svc.state, "pid": svc.pid}
+    return ServeResult(service_id=svc.service_id, url=svc.url, state=svc.state, pid=svc.pid)
 
 
-class ServiceArgs(msgspec.Struct):
-    """Args of ops on one service."""
-
-    service_id: str = ""
-    lines: int = 100
-
-
-@op_handler("stop")
-async def stop(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+async def stop(ctx: OpContext, args: StopArgs) -> StopResult:
     """Stop a service and free its GPU memory."""
-    args = msgspec.convert(raw, ServiceArgs)
     svc = await ctx.agent.services.stop(args.service_id)
-    return {"service_id": svc.service_id, "state": svc.state}
+    return StopResult(service_id=svc.service_id, state=svc.state)
 
 
-@op_handler("health_check")
-async def health_check(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+async def health_check(ctx: OpContext, args: HealthCheckArgs) -> HealthCheckResult:
     """Check one service (its health endpoint), or the whole node."""
-    args = msgspec.convert(raw, ServiceArgs)
     manager = ctx.agent.services
     if args.service_id:
         rt = manager.runtimes.get(args.service_id)
         if rt is None:
             raise NotFound(f"no service {args.service_id} on this node", code="service_not_found")
         t0 = time.monotonic()
-        healthy = manager._alive(rt) and await manager._healthy(rt)
-        return {
-            "service_id": args.service_id,
-            "healthy": healthy,
-            "state": rt.service.state,
-            "latency_ms": round((time.monotonic() - t0) * 1000, 2),
-        }
+        healthy = manager.alive(rt) and await manager.healthy(rt)
+        return HealthCheckResult(
+            service_id=args.service_id,
+            healthy=healthy,
+            state=rt.service.state,
+            latency_ms=round((time.monotonic() - t0) * 1000, 2),
+        )
     checks = {}
     for sid, rt in manager.runtimes.items():
-        checks[sid] = manager._alive(rt) and await manager._healthy(rt)
+        checks[sid] = manager.alive(rt) and await manager.healthy(rt)
     inventory = await ctx.agent.inventory()
-    return {
-        "healthy": all(checks.values()),
-        "services": checks,
-        "gpus": len(inventory.gpus),
-        "tiers": {t.name: t.free for t in inventory.tiers},
-    }
+    return HealthCheckResult(
+        healthy=all(checks.values()),
+        services=checks,
+        gpus=len(inventory.gpus),
+        tiers={t.name: t.free for t in inventory.tiers},
+    )
 
 
-@op_handler("logs")
-async def logs(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+async def logs(ctx: OpContext, args: LogsArgs) -> LogsResult:
     """The tail of a service's log."""
-    args = msgspec.convert(raw, ServiceArgs)
     manager = ctx.agent.services
     rt = manager.runtimes.get(args.service_id)
     path = rt.log_path if rt is not None else manager.log_dir / f"{args.service_id.replace(':', '_')}.log"
     if not await asyncio.to_thread(path.exists):
         raise NotFound(f"no log for {args.service_id} on this node", code="service_not_found")
-    return {
-        "service_id": args.service_id,
-        "log": await asyncio.to_thread(tail, path, max(1, min(args.lines, 5000))),
-    }
+    text = await asyncio.to_thread(tail, path, max(1, min(args.lines, 5000)))
+    return LogsResult(service_id=args.service_id, log=text)

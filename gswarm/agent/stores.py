@@ -148,6 +148,8 @@ class TierStore:
                     path=str(entry),
                     size=manifest.size,
                     files=len(manifest.files),
+                    source=manifest.source,
+                    revision=manifest.revision,
                 )
             )
         return found

@@ -12,12 +12,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 from urllib.parse import quote
 
 import msgspec
 
-from gswarm.agent.executor import OpContext, OpResult, op_handler
+from gswarm.agent.context import OpContext
 from gswarm.agent.fetch.common import (
     ByteCounter,
     Cancelled,
@@ -33,56 +33,18 @@ from gswarm.agent.fetch.ranges import DOWNLOAD_PLAN, DOWNLOAD_STATE, RangeDownlo
 from gswarm.agent.fetch.verify import VERIFY_WORKERS, hash_manifest, verify_files
 from gswarm.agent.stores import Manifest, ManifestFile, TierStore, safe_relpath
 from gswarm.errors import BadRequest, Conflict, Forbidden, GswarmError, NotFound
+from gswarm.ops import (
+    CopyArgs,
+    CopyResult,
+    DeleteArgs,
+    DeleteResult,
+    DownloadArgs,
+    DownloadResult,
+    FetchArgs,
+    FetchResult,
+    PeerSource,
+)
 from gswarm.sources import FileSource, HttpSource, HubSource, parse_source
-
-
-class PeerSource(msgspec.Struct):
-    """A node that holds a verified copy, with a grant to fetch it."""
-
-    node_id: str
-    url: str
-    tier: str
-    token: str
-
-
-class DownloadArgs(msgspec.Struct):
-    """Args of a `download` op; `peers` are tried before the source itself."""
-
-    model_name: str
-    source_url: str
-    tier: str
-    allow_patterns: list[str] | None = None
-    ignore_patterns: list[str] | None = None
-    peers: list[PeerSource] = msgspec.field(default_factory=list)
-    bandwidth_limit: int | None = None
-
-
-class FetchArgs(msgspec.Struct):
-    """Args of a `fetch` op: pull a copy from another node (the target of a copy or move
-    between nodes, or of a replication)."""
-
-    model_name: str
-    tier: str
-    peers: list[PeerSource]
-    bandwidth_limit: int | None = None
-
-
-class CopyArgs(msgspec.Struct):
-    """Args of a `copy` op (a `move` when `remove_source`)."""
-
-    model_name: str
-    source_tier: str
-    target_tier: str
-    remove_source: bool = False
-    verify: str = "size"
-
-
-class DeleteArgs(msgspec.Struct):
-    """Args of a `delete` op."""
-
-    model_name: str
-    tier: str
-
 
 _LOCKS: dict[tuple[str, str, str], asyncio.Lock] = {}
 
@@ -104,17 +66,33 @@ def _store(ctx: OpContext, tier: str) -> TierStore:
     return store
 
 
-def _result(store: TierStore, model: str, path: Path, manifest: Manifest, **extra: Any) -> OpResult:
-    result = {
-        "model": model,
-        "tier": store.name,
-        "path": str(path),
-        "size": manifest.size,
-        "files": len(manifest.files),
-        "revision": manifest.revision,
-        **extra,
-    }
-    return OpResult(result)
+W = TypeVar("W", DownloadResult, FetchResult, CopyResult)
+
+
+def _result(
+    kind: type[W],
+    store: TierStore,
+    path: Path,
+    manifest: Manifest,
+    *,
+    already_present: bool = False,
+    from_peer: str = "",
+    removed_source: bool = False,
+    source_tier: str = "",
+) -> W:
+    return kind(
+        model=manifest.model,
+        tier=store.name,
+        path=str(path),
+        size=manifest.size,
+        files=len(manifest.files),
+        source=manifest.source,
+        revision=manifest.revision,
+        already_present=already_present,
+        from_peer=from_peer,
+        removed_source=removed_source,
+        source_tier=source_tier,
+    )
 
 
 def _track(ctx: OpContext, counter: ByteCounter) -> None:
@@ -125,14 +103,14 @@ Produce = Callable[[Path, threading.Event, RateLimit | None], Awaitable[Manifest
 
 
 async def _new_copy(
-    ctx: OpContext, store: TierStore, model: str, bandwidth: int | None, produce: Produce
-) -> OpResult:
+    ctx: OpContext, store: TierStore, model: str, bandwidth: int | None, produce: Produce, kind: type[W]
+) -> W:
     """The frame of every op that writes a new copy: one writer per model and tier, nothing to do
     when the copy is there, `produce` fills the partial directory, then verify-and-publish."""
     async with _lock(ctx, store.name, model):
         existing = await asyncio.to_thread(store.manifest, model)
         if existing is not None:
-            return _result(store, model, store.model_dir(model), existing, already_present=True)
+            return _result(kind, store, store.model_dir(model), existing, already_present=True)
         cancel = threading.Event()
         partial = store.partial_dir(model)
         limit = RateLimit(bandwidth) if bandwidth else None
@@ -144,20 +122,19 @@ async def _new_copy(
             # Published first, so peers reading the partial copy find the final one at once.
             await asyncio.to_thread(_drop_bookkeeping, path)
         except asyncio.CancelledError:
-            # A cancelled download gives its space back; a crash keeps it for resuming.
-            await asyncio.to_thread(store.discard_partial, model)
+            # A user's cancel gives the space back; a stop keeps the work to resume, as a crash does.
+            if not ctx.keep_partial:
+                await asyncio.to_thread(store.discard_partial, model)
             raise
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise local_write_error(exc, f"{model} to {store.name}") from None
-        return _result(store, model, path, manifest, from_peer=ctx.peer)
+        return _result(kind, store, path, manifest, from_peer=ctx.peer)
 
 
-@op_handler("download")
-async def download(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
+async def download(ctx: OpContext, args: DownloadArgs) -> DownloadResult:
     """Fetch a model from the Hub, a URL or a local path into a tier (peers first, if given)."""
-    args = msgspec.convert(raw, DownloadArgs)
     store = _store(ctx, args.tier)
     source = parse_source(args.source_url)
     peer_errors: list[str] = []
@@ -173,21 +150,19 @@ async def download(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
             return await _from_local(ctx, store, source, partial, cancel)
         return await _from_remote(ctx, store, source, args, partial, cancel, limit)
 
-    result = await _new_copy(ctx, store, args.model_name, args.bandwidth_limit, produce)
-    result.result["peer_errors"] = peer_errors
+    result = await _new_copy(ctx, store, args.model_name, args.bandwidth_limit, produce, DownloadResult)
+    result.peer_errors = peer_errors
     return result
 
 
-@op_handler("fetch")
-async def fetch(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
+async def fetch(ctx: OpContext, args: FetchArgs) -> FetchResult:
     """Pull a verified copy of a model from peers (in the order given) into a tier."""
-    args = msgspec.convert(raw, FetchArgs)
     store = _store(ctx, args.tier)
 
     async def produce(partial: Path, cancel: threading.Event, limit: RateLimit | None) -> Manifest:
         return await _from_peers(ctx, store, args.model_name, args.peers, partial, cancel, limit)
 
-    return await _new_copy(ctx, store, args.model_name, args.bandwidth_limit, produce)
+    return await _new_copy(ctx, store, args.model_name, args.bandwidth_limit, produce, FetchResult)
 
 
 async def _from_peers(
@@ -324,10 +299,8 @@ async def _from_local(
     return Manifest(model="", files=entries, source=f"file://{root}")
 
 
-@op_handler("copy")
-async def copy(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
+async def copy(ctx: OpContext, args: CopyArgs) -> CopyResult:
     """Copy (or move) a published copy between this node's tiers."""
-    args = msgspec.convert(raw, CopyArgs)
     if args.source_tier == args.target_tier:
         raise BadRequest("source and target are the same tier")
     src = _store(ctx, args.source_tier)
@@ -344,7 +317,13 @@ async def copy(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
             if args.remove_source:
                 removed = await asyncio.to_thread(src.remove, model)
             return _result(
-                dst, model, dst.model_dir(model), present, already_present=True, removed_source=removed
+                CopyResult,
+                dst,
+                dst.model_dir(model),
+                present,
+                already_present=True,
+                removed_source=removed,
+                source_tier=args.source_tier,
             )
         cancel = threading.Event()
         partial = dst.partial_dir(model)
@@ -361,7 +340,8 @@ async def copy(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
                 ctx.progress(manifest.size, manifest.size, "verifying")
                 await run_blocking(cancel, _verify_against, partial, manifest, cancel)
         except (asyncio.CancelledError, Cancelled):
-            await asyncio.to_thread(dst.discard_partial, model)
+            if not ctx.keep_partial:
+                await asyncio.to_thread(dst.discard_partial, model)
             raise asyncio.CancelledError from None
         except BaseException:
             await asyncio.to_thread(dst.discard_partial, model)
@@ -377,7 +357,7 @@ async def copy(ctx: OpContext, raw: dict[str, Any]) -> OpResult:
         removed = False
         if args.remove_source:
             removed = await asyncio.to_thread(src.remove, model)
-        return _result(dst, model, path, copied, removed_source=removed)
+        return _result(CopyResult, dst, path, copied, removed_source=removed, source_tier=args.source_tier)
 
 
 def _drop_bookkeeping(partial: Path) -> None:
@@ -394,10 +374,8 @@ def _verify_against(root: Path, manifest: Manifest, cancel: threading.Event) -> 
     return verify_files(root, wanted, cancel)
 
 
-@op_handler("delete")
-async def delete(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
+async def delete(ctx: OpContext, args: DeleteArgs) -> DeleteResult:
     """Remove a published copy (and any unfinished work) of a model from a tier."""
-    args = msgspec.convert(raw, DeleteArgs)
     if args.tier.startswith("gpu"):
         index = int(args.tier[3:])
         for svc in [
@@ -408,9 +386,9 @@ async def delete(ctx: OpContext, raw: dict[str, Any]) -> dict[str, Any]:
             await ctx.agent.services.stop(svc.service_id)
         freed = await ctx.agent.gpu_pool.unload(index, args.model_name)
         ctx.agent.holdings_changed()
-        return {"model": args.model_name, "tier": args.tier, "removed": freed > 0, "freed": freed}
+        return DeleteResult(model=args.model_name, tier=args.tier, removed=freed > 0, freed=freed)
     store = _store(ctx, args.tier)
     async with _lock(ctx, args.tier, args.model_name):
         removed = await asyncio.to_thread(store.remove, args.model_name)
         await asyncio.to_thread(store.discard_partial, args.model_name)
-    return {"model": args.model_name, "tier": args.tier, "removed": removed}
+    return DeleteResult(model=args.model_name, tier=args.tier, removed=removed)

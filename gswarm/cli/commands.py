@@ -18,9 +18,10 @@ from rich.table import Table
 
 from gswarm.cli.common import DetachOpt, HeadUrl, JsonOpt, TokenOpt, app, err, fail, out
 from gswarm.cli.processes import run
-from gswarm.cli.render import ago, finish_op, follow_op, human_size, print_json, print_op
+from gswarm.cli.render import ago, finish_op, follow_op, health_line, human_size, print_json, print_op
 from gswarm.errors import GswarmError
-from gswarm.protocol import Event, ModelView, Node, Notice, Op, Service
+from gswarm.ops import HealthCheckResult, Op, ReplicateResult
+from gswarm.protocol import Event, ModelView, Node, Notice, Service
 
 T = TypeVar("T")
 
@@ -298,10 +299,9 @@ def replicate(
         out.print(op.op_id, highlight=False)
     else:
         table = Table("target", "state", "from", "seconds", "error")
-        for target, r in sorted(((op.result or {}).get("targets") or {}).items()):
-            table.add_row(
-                target, r.get("state", ""), r.get("from", ""), str(r.get("seconds", "")), r.get("error", "")
-            )
+        outcomes = op.result.targets if isinstance(op.result, ReplicateResult) else {}
+        for target, r in sorted(outcomes.items()):
+            table.add_row(target, r.state, r.source, str(r.seconds or ""), r.error)
         out.print(table)
         print_op(op)
     if op.terminal and op.state != "succeeded":
@@ -421,9 +421,8 @@ def health(
     if json_out:
         print_json(op)
     else:
-        healthy = (op.result or {}).get("healthy")
-        out.print(f"{'healthy' if healthy else 'UNHEALTHY'}: {op.result or op.error}", highlight=False)
-    if op.state != "succeeded" or not (op.result or {}).get("healthy"):
+        out.print(health_line(op), highlight=False)
+    if op.state != "succeeded" or not (isinstance(op.result, HealthCheckResult) and op.result.healthy):
         raise typer.Exit(1)
 
 

@@ -23,7 +23,8 @@ from rich.table import Table
 
 from gswarm.cli.common import err, out
 from gswarm.errors import GswarmError
-from gswarm.protocol import Job, JobAction, Notice, Op, to_builtins
+from gswarm.ops import HealthCheckResult, Op, WrittenCopy
+from gswarm.protocol import Job, JobAction, Notice, to_builtins
 
 
 def print_json(data: Any) -> None:
@@ -117,6 +118,39 @@ async def follow_op(c: Any, op: Op, detach: bool, json_out: bool, title: str) ->
         loop.remove_signal_handler(signal.SIGINT)
 
 
+def done_line(op: Op) -> str:
+    """What a succeeded op did, in words: written or already there, from which peer, and
+    whether a move removed its source."""
+    result = op.result
+    if not isinstance(result, WrittenCopy):
+        return "done"
+    removed = (
+        f"; removed the source copy on {op.node_id}:{result.source_tier}" if result.removed_source else ""
+    )
+    if result.removed_source and not result.source_tier:
+        removed = "; removed the source copy"
+    if result.already_present:
+        if removed:
+            return f"already on {op.node_id}:{result.tier}{removed}"
+        return f"already there, nothing to do ({result.path})"
+    size = f" ({human_size(result.size)})" if result.size else ""
+    peer = f" from {result.from_peer}" if result.from_peer else ""
+    return f"done{size}{peer}{removed}"
+
+
+def health_line(op: Op) -> str:
+    """A health check's outcome in one line."""
+    r = op.result
+    if not isinstance(r, HealthCheckResult):
+        return f"UNHEALTHY: {op.error.message if op.error else op.state}"
+    word = "healthy" if r.healthy else "UNHEALTHY"
+    if r.service_id:
+        return f"{word}: {r.service_id} is {r.state} ({r.latency_ms:.1f} ms)"
+    services = ", ".join(f"{sid} {'ok' if ok else 'down'}" for sid, ok in sorted(r.services.items()))
+    tiers = ", ".join(f"{name} {human_size(free)} free" for name, free in sorted(r.tiers.items()))
+    return f"{word}: {r.gpus} GPUs; {tiers}; services: {services or 'none'}"
+
+
 def finish_op(op: Op, json_out: bool, detach: bool, what: str) -> None:
     """Print how an op ended (JSON, its id when detached, or a line); exit 1 if it failed."""
     if json_out:
@@ -124,12 +158,7 @@ def finish_op(op: Op, json_out: bool, detach: bool, what: str) -> None:
     elif detach and not op.terminal:
         out.print(op.op_id, highlight=False)
     elif op.state == "succeeded":
-        result = op.result or {}
-        if result.get("already_present"):
-            out.print(f"{what}: already there, nothing to do ({result.get('path', '')})", highlight=False)
-        else:
-            size = f" ({human_size(result['size'])})" if result.get("size") else ""
-            out.print(f"{what}: done{size}", highlight=False)
+        out.print(f"{what}: {done_line(op)}", highlight=False)
     else:
         print_op(op)
     if op.terminal and op.state != "succeeded":
@@ -174,7 +203,7 @@ def job_table(job: Job, progress: dict[str, Any]) -> Table:
         if a.started_at:
             elapsed = f"{(a.finished_at or now) - a.started_at:.1f}s"
         state = f"[{colors.get(a.state, 'white')}]{a.state}[/]"
-        table.add_row(a.id, a.action, str(a.spec.get("model", "")), state, bar, rate, elapsed, a.error[:60])
+        table.add_row(a.id, a.action, str(a.spec.model), state, bar, rate, elapsed, a.error[:60])
     return table
 
 
@@ -200,8 +229,8 @@ async def follow_job(c: Any, job: Job, json_out: bool) -> Job:
                 by_id[action.id] = action
                 job.actions = [by_id[a.id] for a in job.actions]
             elif msg.kind == "job.updated" and msg.key == job.job_id:
-                job.state = str(msg.data.get("state"))
-                job.error = str(msg.data.get("error") or "")
+                header = msgspec.convert(msg.data, Job)
+                job.state, job.error = header.state, header.error
             elif msg.topic == "op":
                 op = msgspec.convert(msg.data, Op)
                 progress[op.op_id] = op.progress

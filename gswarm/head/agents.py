@@ -34,7 +34,7 @@ from gswarm.protocol import (
 )
 
 if TYPE_CHECKING:
-    from gswarm.head.app import Head
+    from gswarm.head.state import Head
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ class AgentHub:
         self._head = head
         self._conns: dict[str, AgentConnection] = {}
         self._all_ws: set[web.WebSocketResponse] = set()
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._conns
 
     def get(self, node_id: str) -> AgentConnection | None:
         """The live connection of a node, if any."""
@@ -188,8 +191,8 @@ class AgentHub:
                 hello.backends,
             )
         )
-        head.commit(head.reconcile_holdings(hello.node_id, hello.holdings))
-        head.commit(head.reconcile_services(hello.node_id, hello.services))
+        head.commit(head.registry.reconcile_holdings(hello.node_id, hello.holdings))
+        head.commit(head.registry.reconcile_services(hello.node_id, hello.services))
         await conn.send(
             Welcome(
                 node_id=hello.node_id,
@@ -219,11 +222,11 @@ class AgentHub:
                     head.commit(head.registry.node_heartbeat(conn.node_id, inventory))
                 case Accepted() | Progress() | Succeeded() | Failed():
                     if self._conns.get(conn.node_id) is conn:
-                        head.registry.nodes[conn.node_id].last_seen = time.time()
+                        head.registry.node_seen(conn.node_id)
                     await head.dispatcher.handle(conn.node_id, decoded)
                 case HoldingsChanged(holdings=holdings):
-                    head.registry.nodes[conn.node_id].holdings = holdings
-                    head.commit(head.reconcile_holdings(conn.node_id, holdings))
+                    head.registry.node_holdings(conn.node_id, holdings)
+                    head.commit(head.registry.reconcile_holdings(conn.node_id, holdings))
                 case ServiceChanged(service=service, removed=removed):
                     if service.device.partition(":")[0] != conn.node_id:
                         await _close(conn.ws, CLOSE_BAD_MESSAGE, "a service of another node")

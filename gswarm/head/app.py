@@ -1,213 +1,29 @@
-"""The head's aiohttp application, its state holder and its lifecycle."""
+"""The head's aiohttp application and server: where the route families, the result-hook
+table and the head's state are put together. Nothing imports this module but the CLI."""
 
 from __future__ import annotations
 
-import asyncio
-import gc
-import logging
-import os
-import secrets
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import msgspec
 from aiohttp import web
 
-from gswarm.config import TOKENS_FILE, Settings, Tokens
-from gswarm.devices import STORAGE_TIERS
-from gswarm.head.agents import AgentHub
-from gswarm.head.dispatcher import Dispatcher
-from gswarm.head.events import EventBus
-from gswarm.protocol import OP_STATES_TERMINAL, Event, Holding, Service
-from gswarm.registry import Registry
-from gswarm.store import Store
-
-log = logging.getLogger(__name__)
-
-HEAD_KEY: web.AppKey[Head] = web.AppKey("head")
-
-
-def load_or_create_tokens(state_dir: Path) -> Tokens:
-    """The head's tokens, created (mode 0600) at first start."""
-    path = state_dir / TOKENS_FILE
-    if path.exists():
-        return msgspec.json.decode(path.read_bytes(), type=Tokens)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tokens = Tokens(
-        api_token="gsw_api_" + secrets.token_urlsafe(24),
-        join_token="gsw_join_" + secrets.token_urlsafe(24),
-        transfer_key=secrets.token_hex(32),
-    )
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(msgspec.json.encode(tokens))
-    tmp.replace(path)
-    return tokens
-
-
-class Head:
-    """Registry, store, event bus, agents and dispatcher of one head, and their tasks."""
-
-    def __init__(self, state_dir: Path, settings: Settings) -> None:
-        self.state_dir = state_dir
-        self.settings = settings
-        self.registry = Registry()
-        self.store = Store(state_dir / "gswarm.db")
-        self.bus = EventBus(self.store, settings.event_ring, settings.subscriber_queue)
-        self.agents = AgentHub(self)
-        self.dispatcher = Dispatcher(self)
-        self.tokens = Tokens(api_token="", join_token="")
-        self.started_at = time.time()
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.on_started: list[Callable[[], None]] = []
-
-    async def start(self) -> None:
-        """Read state back and start the background sweeper."""
-        self.tokens = await asyncio.to_thread(load_or_create_tokens, self.state_dir)
-        snap = await asyncio.to_thread(self.store.open_and_load, self.settings.event_ring)
-        self.registry.load(
-            snap.models, snap.nodes, snap.locations, snap.ops, snap.last_seq, snap.services, snap.jobs
-        )
-        self.bus.preload(snap.recent_events, snap.last_seq)
-        # What start-up loaded lives as long as the head: keep it out of the collector's scans,
-        # whose pauses otherwise show in the latency tail.
-        gc.freeze()
-        self._tasks.add(asyncio.create_task(self._sweeper(), name="head-sweeper"))
-        from gswarm.head import replication
-
-        replication.resume(self)
-        for hook in self.on_started:
-            hook()
-        log.info(
-            "head state loaded from %s: %d models, %d nodes, %d ops",
-            self.state_dir,
-            len(snap.models),
-            len(snap.nodes),
-            len(snap.ops),
-        )
-
-    async def stop(self) -> None:
-        """Cancel background tasks and flush the store."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
-        for futs in self._waiters.values():
-            for fut in futs:
-                fut.cancel()
-        await self.store.close()
-
-    def commit(self, events: list[Event]) -> None:
-        """Persist and publish the events of a registry mutation; wake op waiters."""
-        if not events:
-            return
-        self.store.persist(events)
-        self.bus.publish(events)
-        for ev in events:
-            if ev.topic == "op" and ev.data.get("state") in OP_STATES_TERMINAL:
-                for fut in self._waiters.pop(ev.key, []):
-                    if not fut.done():
-                        fut.set_result(None)
-
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str = "head-task") -> asyncio.Task[None]:
-        """Run a background coroutine owned by the head (cancelled and awaited on shutdown)."""
-        task = asyncio.create_task(self._guarded(coro), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    @staticmethod
-    async def _guarded(coro: Coroutine[Any, Any, None]) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("background task failed")
-
-    def _prune(self) -> None:
-        pruned = self.registry.prune_ops(self.settings.ops_kept)
-        if pruned:
-            self.store.forget("ops", pruned)
-
-    def log_warning(self, message: str) -> None:
-        """A warning in the head's log."""
-        log.warning("%s", message)
-
-    def op_waiter(self, op_id: str) -> asyncio.Future[None]:
-        """A future resolved when the op ends."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(op_id, []).append(fut)
-        return fut
-
-    def reconcile_services(self, node_id: str, services: list[Service]) -> list[Event]:
-        """The agent is the truth about what it serves: adopt its list for this node."""
-        reg = self.registry
-        events: list[Event] = []
-        reported = {s.service_id for s in services}
-        for old in reg.node_services(node_id):
-            if old.service_id not in reported:
-                events.extend(reg.remove_service(old.service_id))
-        for svc in services:
-            events.extend(reg.set_service(svc))
-        return events
-
-    def reconcile_holdings(self, node_id: str, holdings: list[Holding]) -> list[Event]:
-        """Make the registry's locations on a node match what its agent reports holding."""
-        reg = self.registry
-        events: list[Event] = []
-        held = {(h.model, f"{node_id}:{h.tier}"): h for h in holdings}
-        busy = {(op.args.get("model_name"), op.args.get("target_device")) for op in reg.open_ops()}
-        for (model, device), loc in list(reg.locations.items()):
-            node, _, tier = device.partition(":")
-            if node != node_id or (model, device) in held or (model, device) in busy:
-                continue
-            if tier in STORAGE_TIERS or loc.state == "ready":
-                events.extend(reg.remove_location(model, device))
-        for (model, device), h in held.items():
-            current = reg.locations.get((model, device))
-            if current is not None and current.state == "ready" and current.size == h.size:
-                continue
-            if model not in reg.models:
-                _, evs = reg.register_model(model, "unknown", None, {"discovered_on": node_id})
-                events.extend(evs)
-            events.extend(reg.set_location(model, device, "ready", size=h.size, path=h.path))
-        return events
-
-    async def _sweeper(self) -> None:
-        settings = self.settings
-        while True:
-            await asyncio.sleep(settings.sweep_interval)
-            try:
-                now = time.time()
-                for node_id in self.registry.stale_nodes(
-                    now, settings.offline_after, settings.reconnect_grace
-                ):
-                    node = self.registry.nodes[node_id]
-                    reason = (
-                        f"no word from the agent for {now - node.last_seen:.0f} s"
-                        if node.connected
-                        else "agent connection lost"
-                    )
-                    self.commit(self.registry.node_offline(node_id, reason))
-                await self.dispatcher.sweep()
-                self._prune()
-            except Exception:
-                log.exception("sweeper step failed")
+from gswarm.config import Settings
+from gswarm.head import jobs, replication, routes, services, transfers
+from gswarm.head.results import RESULT_HOOKS
+from gswarm.head.state import HEAD_KEY, Head
 
 
 def create_app(head: Head) -> web.Application:
     """The aiohttp application of a head."""
-    from gswarm.head.routes import setup_routes
-
     app = web.Application(client_max_size=head.settings.max_body_bytes)
     app[HEAD_KEY] = head
-    setup_routes(app)
+    routes.setup(app)
+    app.router.add_get("/ws/agent", head.agents.handle)
+    transfers.setup(app)
+    replication.setup(app)
+    services.setup(app)
+    jobs.setup(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await head.start()
@@ -233,7 +49,7 @@ class HeadServer:
         port: int = 8100,
         settings: Settings | None = None,
     ) -> None:
-        self.head = Head(state_dir, settings or Settings.from_env())
+        self.head = Head(state_dir, settings or Settings.from_env(), RESULT_HOOKS)
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None

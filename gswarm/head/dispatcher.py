@@ -1,8 +1,9 @@
 """Ops from the registry to the agents and back: submit, deliver, track, cancel, time out.
 
-Adding an op kind takes one handler on the agent and one route on the head; when the
-kind's result changes the registry (a new location, fresh inventory), the route also
-registers a result hook here with `on_result`.
+An op kind's args and result are typed in `gswarm.ops`; what its result changes in the
+registry (a new location, fresh inventory) is its result hook, one entry of the table the
+head is built with (`head.results.RESULT_HOOKS`). An agent's result that does not decode as
+its kind's Result fails the op with `bad_result`; it never reaches a hook.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from gswarm.errors import Conflict
+from gswarm.ops import Op, OpArgs, OpResult, UnknownKind, decode_result
 from gswarm.protocol import (
     Accepted,
     Ack,
@@ -21,31 +26,45 @@ from gswarm.protocol import (
     Command,
     Event,
     Failed,
-    Op,
+    Holding,
     OpError,
     OpProgress,
     Progress,
     Succeeded,
+    encode,
 )
+from gswarm.states import OpState
 
 if TYPE_CHECKING:
-    from gswarm.head.app import Head
+    from gswarm.head.state import Head
 
 log = logging.getLogger(__name__)
 
-ResultHook = Callable[[Op, Succeeded | Failed], list[Event]]
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an op ended: its typed result, or its error; fresh holdings when the agent sent them."""
+
+    result: OpResult | None = None
+    error: OpError | None = None
+    holdings: list[Holding] | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the op succeeded."""
+        return self.error is None
+
+
+ResultHook = Callable[["Head", Op, Outcome], list[Event]]
+"""What an op's ending changes in the registry; its events are committed with the ending."""
 
 
 class Dispatcher:
     """Owns the life of every op once created."""
 
-    def __init__(self, head: Head) -> None:
+    def __init__(self, head: Head, hooks: dict[str, ResultHook]) -> None:
         self._head = head
-        self._hooks: dict[str, ResultHook] = {}
-
-    def on_result(self, kind: str, hook: ResultHook) -> None:
-        """Call `hook` when an op of `kind` ends on its agent; its events are committed."""
-        self._hooks[kind] = hook
+        self._hooks = hooks
 
     def require_online(self, node_id: str) -> None:
         """Conflict `node_offline` unless the node has a live agent connection."""
@@ -59,18 +78,15 @@ class Dispatcher:
 
     async def submit(
         self,
-        kind: str,
         node_id: str,
-        args: dict[str, Any],
+        args: OpArgs,
         timeout: float | None = None,
         on_created: Callable[[Op], list[Event]] | None = None,
     ) -> Op:
         """Create an op for an online node and push it to its agent at once. `on_created`
         records what the op is about to change (a location being written) before it can end."""
         self.require_online(node_id)
-        op, events = self._head.registry.create_op(
-            kind, node_id, args, timeout or self._head.settings.op_timeout
-        )
+        op, events = self._head.registry.create_op(node_id, args, timeout or self._head.settings.op_timeout)
         if on_created is not None:
             events.extend(on_created(op))
         self._head.commit(events)
@@ -82,7 +98,8 @@ class Dispatcher:
         if conn is None:
             return  # re-sent when the agent comes back
         self._head.registry.op_sent(op.op_id)
-        await conn.send(Command(op_id=op.op_id, kind=op.kind, args=op.args, timeout=op.timeout))
+        raw = msgspec.Raw(encode(op.args))
+        await conn.send(Command(op_id=op.op_id, kind=op.kind, args=raw, timeout=op.timeout))
 
     async def cancel(self, op_id: str, reason: str = "cancelled by request") -> Op:
         """Cancel an op: recorded at once, and the agent told to stop its work."""
@@ -93,7 +110,7 @@ class Dispatcher:
                 code="op_finished",
                 details={"state": op.state},
             )
-        self._finish(op, Failed(op_id=op_id, error=OpError(code="cancelled", message=reason)))
+        self.finish(op, Outcome(error=OpError(code="cancelled", message=reason)))
         conn = self._head.agents.get(op.node_id)
         if conn is not None:
             await conn.send(Cancel(op_id=op_id))
@@ -125,27 +142,39 @@ class Dispatcher:
                 self._head.commit(reg.op_progress(msg.op_id, progress))
             case Succeeded() | Failed():
                 op = reg.ops.get(msg.op_id)
-                if op is not None and not op.terminal:
-                    self._finish(op, msg)
+                if op is not None and not op.terminal and op.node_id == node_id:
+                    self.finish(op, self._outcome(op, msg))
                 conn = self._head.agents.get(node_id)
                 if conn is not None:
                     await conn.send(Ack(op_id=msg.op_id))
 
-    def _finish(self, op: Op, msg: Succeeded | Failed) -> None:
+    @staticmethod
+    def _outcome(op: Op, msg: Succeeded | Failed) -> Outcome:
+        if isinstance(msg, Failed):
+            return Outcome(error=msg.error, holdings=msg.holdings)
+        try:
+            return Outcome(result=decode_result(op.kind, msg.result), holdings=msg.holdings)
+        except (UnknownKind, msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return Outcome(error=OpError("bad_result", f"the agent's result does not fit a {op.kind}: {exc}"))
+
+    def finish(self, op: Op, outcome: Outcome) -> None:
+        """End an op (its hook's registry changes committed with it); a second ending is ignored."""
         reg = self._head.registry
+        if op.terminal:
+            return
         events: list[Event] = []
         hook = self._hooks.get(op.kind)
         if hook is not None:
             try:
-                events.extend(hook(op, msg))
+                events.extend(hook(self._head, op, outcome))
             except Exception as exc:  # a bad report must not take the socket down
                 log.exception("result hook for %s failed", op.kind)
-                msg = Failed(op_id=op.op_id, error=OpError("internal", f"head: {exc}"))
-        if isinstance(msg, Succeeded):
-            events.extend(reg.op_finished(op.op_id, "succeeded", result=msg.result))
+                outcome = Outcome(error=OpError("internal", f"head: {exc}"))
+        if outcome.error is None:
+            events.extend(reg.op_finished(op.op_id, "succeeded", result=outcome.result))
         else:
-            state = "cancelled" if msg.error.code == "cancelled" else "failed"
-            events.extend(reg.op_finished(op.op_id, state, error=msg.error))
+            state: OpState = "cancelled" if outcome.error.code == "cancelled" else "failed"
+            events.extend(reg.op_finished(op.op_id, state, result=outcome.result, error=outcome.error))
         self._head.commit(events)
 
     async def sweep(self) -> None:
@@ -154,7 +183,7 @@ class Dispatcher:
         for op in self._head.registry.open_ops():
             if op.timeout and now - op.created_at > op.timeout:
                 error = OpError("timed_out", f"op did not finish within {op.timeout:g} s")
-                self._finish(op, Failed(op_id=op.op_id, error=error))
+                self.finish(op, Outcome(error=error))
                 conn = self._head.agents.get(op.node_id)
                 if conn is not None:
                     await conn.send(Cancel(op_id=op.op_id))

@@ -13,30 +13,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
-from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from gswarm.api import CopyBody, DownloadBody, HealthBody, LoadBody, ReplicateBody, ServeBody
 from gswarm.devices import parse_device
-from gswarm.errors import Conflict, GswarmError, InvalidWorkflow, PayloadTooLarge
-from gswarm.head.app import HEAD_KEY, Head
-from gswarm.head.replication import ReplicateBody, submit_replicate
-from gswarm.head.routes import _query_int, json_response
-from gswarm.head.services import (
-    HealthBody,
-    LoadBody,
-    ServeBody,
-    submit_health_check,
-    submit_load,
-    submit_serve,
-    submit_stop,
+from gswarm.errors import Conflict, GswarmError, PayloadTooLarge
+from gswarm.head.http import json_response, query_int
+from gswarm.head.replication import submit_replicate
+from gswarm.head.services import submit_health_check, submit_load, submit_serve, submit_stop
+from gswarm.head.state import HEAD_KEY, Head
+from gswarm.head.transfers import delete_copy, submit_copy, submit_download
+from gswarm.ops import Op
+from gswarm.protocol import Job, JobAction
+from gswarm.states import ACTION_TERMINAL, ActionState
+from gswarm.workflow import (
+    CopyAction,
+    DeleteAction,
+    DownloadAction,
+    HealthCheckAction,
+    JobSpec,
+    LoadAction,
+    MoveAction,
+    ReplicateAction,
+    ServeAction,
+    StopAction,
+    load_text,
+    validate,
 )
-from gswarm.head.transfers import CopyBody, DownloadBody, delete_copy, submit_copy, submit_download
-from gswarm.protocol import ACTION_STATES_TERMINAL, Job, JobAction, Op
-from gswarm.workflow import JobSpec, load_text, validate
 
 log = logging.getLogger(__name__)
 
@@ -45,84 +51,72 @@ _MAX_BACKOFF = 30.0
 
 def writes(action: JobAction) -> list[tuple[str, str]]:
     """The (model, device) pairs an action writes: the locks it must hold."""
-    f = action.spec
-    model = str(f.get("model") or "")
-    keys: list[str] = []
-    match action.action:
-        case "download":
-            keys = [str(f.get("target"))]
-        case "copy":
-            keys = [str(f.get("to"))]
-        case "move":
-            keys = [str(f.get("from")), str(f.get("to"))]
-        case "delete" | "load" | "serve" | "stop":
-            keys = [str(f.get("device"))]
-        case "replicate":
-            keys = [str(t) for t in f.get("targets") or []]
     out = []
-    for k in keys:
+    for device in action.spec.writes():
         with contextlib.suppress(GswarmError):
-            out.append((model, str(parse_device(k))))
+            out.append((action.spec.model, str(parse_device(device))))
     return sorted(set(out))
 
 
 async def submit_action(head: Head, action: JobAction) -> Op:
     """Start the op of one action through the same checks as the REST routes."""
     f = action.spec
-    model = str(f.get("model") or "")
     timeout = action.timeout
-    match action.action:
-        case "download":
+    match f:
+        case DownloadAction():
             body = DownloadBody(
-                model_name=model,
-                source_url=str(f["source"]),
-                target_device=str(f["target"]),
-                allow_patterns=f.get("include"),
-                ignore_patterns=f.get("exclude"),
+                model_name=f.model,
+                source_url=f.source,
+                target_device=f.target,
+                allow_patterns=f.include,
+                ignore_patterns=f.exclude,
                 timeout=timeout,
             )
             return (await submit_download(head, body)).op
-        case "copy" | "move":
+        case CopyAction() | MoveAction():
             cbody = CopyBody(
-                model_name=model,
-                source_device=str(f["from"]),
-                target_device=str(f["to"]),
-                keep_source=bool(f.get("keep_source", False)),
+                model_name=f.model,
+                source_device=f.from_,
+                target_device=f.to,
+                keep_source=f.keep_source,
                 timeout=timeout,
             )
-            return (await submit_copy(head, cbody, move=action.action == "move")).op
-        case "delete":
-            return await delete_copy(head, model, parse_device(str(f["device"])), force=bool(f.get("force")))
-        case "load":
-            lbody = LoadBody(
-                model_name=model, device=str(f["device"]), source_device=f.get("from"), timeout=timeout
-            )
+            return (await submit_copy(head, cbody, move=isinstance(f, MoveAction))).op
+        case DeleteAction():
+            return await delete_copy(head, f.model, parse_device(f.device), force=f.force)
+        case LoadAction():
+            lbody = LoadBody(model_name=f.model, device=f.device, source_device=f.from_, timeout=timeout)
             return (await submit_load(head, lbody)).op
-        case "serve":
+        case ServeAction():
             sbody = ServeBody(
-                model_name=model,
-                device=str(f["device"]),
-                port=int(f["port"]),
-                config=dict(f.get("config") or {}),
-                backend=f.get("backend"),
+                model_name=f.model,
+                device=f.device,
+                port=f.port,
+                config=f.config,
+                backend=f.backend,
                 timeout=timeout,
             )
             return (await submit_serve(head, sbody)).op
-        case "stop":
-            return (await submit_stop(head, model, str(f["device"]))).op
-        case "replicate":
+        case StopAction():
+            return (await submit_stop(head, f.model, f.device)).op
+        case ReplicateAction():
             rbody = ReplicateBody(
-                model_name=model,
-                targets=[str(t) for t in f.get("targets") or []],
-                all_nodes=f.get("all_nodes"),
-                source_device=f.get("from"),
+                model_name=f.model,
+                targets=list(f.targets or []),
+                all_nodes=f.all_nodes,
+                source_device=f.from_,
                 timeout=timeout,
             )
             return (await submit_replicate(head, rbody)).op
-        case "health_check":
-            hbody = HealthBody(model_name=model or None, device=f.get("device"), node_id=f.get("node"))
+        case HealthCheckAction():
+            hbody = HealthBody(model_name=f.model or None, device=f.device, node_id=f.node)
             return (await submit_health_check(head, hbody)).op
-    raise InvalidWorkflow(f"action {action.id}: unknown action {action.action!r}")
+    raise AssertionError(f"action {action.id}: no submit for {action.action}")
+
+
+def _cancelling(job: Job) -> bool:
+    # A function, not an inline test: another task may cancel the job between two awaits.
+    return job.state == "cancelling"
 
 
 class JobRunner:
@@ -160,32 +154,33 @@ class JobRunner:
             if not job.terminal:
                 self.head.spawn(self.run(job), name=f"job-{job.job_id}")
 
-    def _action(self, job: Job, action: JobAction, **changes: Any) -> None:
-        for key, value in changes.items():
-            setattr(action, key, value)
-        self.head.commit(self.head.registry.update_action(job, action))
+    def _action(
+        self,
+        job: Job,
+        action: JobAction,
+        state: ActionState,
+        error: str | None = None,
+        op_id: str | None = None,
+    ) -> None:
+        self.head.commit(self.head.registry.update_action(job, action, state, error=error, op_id=op_id))
 
     async def run(self, job: Job) -> None:
         """Drive a job's DAG to its end."""
         reg = self.head.registry
         if job.state == "pending":
-            job.state = "running"
-            job.started_at = time.time()
-            self.head.commit(reg.update_job(job))
+            self.head.commit(reg.set_job_state(job, "running"))
         by_id = {a.id: a for a in job.actions}
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
                 for a in job.actions:
-                    if a.id in tasks or a.state in ACTION_STATES_TERMINAL:
+                    if a.id in tasks or a.state in ACTION_TERMINAL:
                         continue
-                    if job.state == "cancelling":
-                        self._action(
-                            job, a, state="cancelled", error="job cancelled", finished_at=time.time()
-                        )
+                    if _cancelling(job):
+                        self._action(job, a, "cancelled", "job cancelled")
                         continue
                     deps = [by_id[d] for d in a.depends_on if d in by_id]
-                    if any(d.state not in ACTION_STATES_TERMINAL for d in deps):
+                    if any(d.state not in ACTION_TERMINAL for d in deps):
                         continue
                     blocking = [
                         d
@@ -194,20 +189,16 @@ class JobRunner:
                     ]
                     if blocking:
                         why = f"skipped: {blocking[0].id} {blocking[0].state}"
-                        self._action(job, a, state="skipped", error=why, finished_at=time.time())
+                        self._action(job, a, "skipped", why)
                         continue
                     tasks[a.id] = asyncio.create_task(
                         self._run_action(job, a), name=f"job-{job.job_id}-{a.id}"
                     )
                 live = [t for t in tasks.values() if not t.done()]
                 if not live:
-                    stuck = [
-                        a for a in job.actions if a.state not in ACTION_STATES_TERMINAL and a.id not in tasks
-                    ]
+                    stuck = [a for a in job.actions if a.state not in ACTION_TERMINAL and a.id not in tasks]
                     for a in stuck:  # only possible with an unsatisfiable dependency
-                        self._action(
-                            job, a, state="skipped", error="dependencies never ran", finished_at=time.time()
-                        )
+                        self._action(job, a, "skipped", "dependencies never ran")
                     break
                 await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -218,24 +209,22 @@ class JobRunner:
 
     def _finish(self, job: Job) -> None:
         failed = [a for a in job.actions if a.state in ("failed", "skipped") and not a.continue_on_error]
-        if job.state == "cancelling" or any(a.state == "cancelled" for a in job.actions):
-            job.state = "cancelled"
-            job.error = "cancelled"
+        reg = self.head.registry
+        if _cancelling(job) or any(a.state == "cancelled" for a in job.actions):
+            self.head.commit(reg.set_job_state(job, "cancelled", "cancelled"))
         elif failed:
-            job.state = "failed"
-            job.error = f"{failed[0].id}: {failed[0].error}" + (
+            error = f"{failed[0].id}: {failed[0].error}" + (
                 f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
             )
+            self.head.commit(reg.set_job_state(job, "failed", error))
         else:
-            job.state = "succeeded"
-        job.finished_at = time.time()
-        self.head.commit(self.head.registry.update_job(job))
+            self.head.commit(reg.set_job_state(job, "succeeded"))
 
     async def _run_action(self, job: Job, action: JobAction) -> None:
         keys = writes(action)
         locks = [self._locks.setdefault(k, asyncio.Lock()) for k in keys]
         if any(lock.locked() for lock in locks):
-            self._action(job, action, state="waiting", error="waiting for another action on the same copy")
+            self._action(job, action, "waiting", "waiting for another action on the same copy")
         async with contextlib.AsyncExitStack() as stack:
             for lock in locks:
                 await stack.enter_async_context(lock)
@@ -246,36 +235,34 @@ class JobRunner:
         # After a restart, an op the action had started is still its op: wait for it.
         resume = reg.ops.get(action.op_ids[-1]) if action.op_ids and action.state == "running" else None
         while True:
-            if job.state == "cancelling":
-                self._action(job, action, state="cancelled", error="job cancelled", finished_at=time.time())
+            if _cancelling(job):
+                self._action(job, action, "cancelled", "job cancelled")
                 return
             error = ""
             op: Op | None = None
             if resume is not None:
                 op, resume = resume, None
             else:
-                action.attempts += 1
+                reg.action_attempt(action)
                 try:
                     op = await submit_action(self.head, action)
                 except GswarmError as exc:
                     error = exc.message
                 else:
-                    started = action.started_at or time.time()
-                    ops = [*action.op_ids, op.op_id]
-                    self._action(job, action, state="running", op_ids=ops, error="", started_at=started)
+                    self._action(job, action, "running", "", op_id=op.op_id)
             if op is not None:
                 op = await self.head.dispatcher.wait(op.op_id, 7 * 86400)
                 if op.state == "succeeded":
-                    self._action(job, action, state="succeeded", finished_at=time.time())
+                    self._action(job, action, "succeeded")
                     return
                 error = op.error.message if op.error else op.state
-                if job.state == "cancelling":
-                    self._action(job, action, state="cancelled", error=error, finished_at=time.time())
+                if _cancelling(job):
+                    self._action(job, action, "cancelled", error)
                     return
             if action.attempts > action.retries:
-                self._action(job, action, state="failed", error=error, finished_at=time.time())
+                self._action(job, action, "failed", error)
                 return
-            self._action(job, action, state="retrying", error=error)
+            self._action(job, action, "retrying", error)
             await asyncio.sleep(min(_MAX_BACKOFF, 0.5 * 2 ** (action.attempts - 1)))
 
     async def cancel(self, job_id: str) -> Job:
@@ -283,8 +270,7 @@ class JobRunner:
         job = self.head.registry.get_job(job_id)
         if job.terminal:
             raise Conflict(f"job {job_id} has already ended ({job.state})", code="job_finished")
-        job.state = "cancelling"
-        self.head.commit(self.head.registry.update_job(job))
+        self.head.commit(self.head.registry.set_job_state(job, "cancelling"))
         for a in job.actions:
             if a.state in ("running", "retrying") and a.op_ids:
                 op = self.head.registry.ops.get(a.op_ids[-1])
@@ -314,7 +300,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     """`GET /jobs`: every job, newest first, without its actions."""
     reg = request.app[HEAD_KEY].registry
     jobs = sorted(reg.jobs.values(), key=lambda j: j.created_at, reverse=True)
-    limit = _query_int(request, "limit", 100)
+    limit = query_int(request, "limit", 100)
     return json_response({"jobs": [msgspec.structs.replace(j, actions=[]) for j in jobs[:limit]]})
 
 

@@ -15,40 +15,31 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Any
 
-import msgspec
 from aiohttp import web
 
+from gswarm.api import ReplicateBody
 from gswarm.devices import parse_device, validate_model_name
 from gswarm.errors import BadRequest, Conflict, GswarmError
-from gswarm.head.app import HEAD_KEY, Head
-from gswarm.head.routes import Submitted, read_json, submitted_response
-from gswarm.head.transfers import _open_writer, _partial_holder, _require_node, _writing, peer_sources
-from gswarm.protocol import Event, Op, OpError, OpProgress
+from gswarm.head.copies import marking, peer_sources, require_node
+from gswarm.head.http import Submitted, read_json, submitted_response
+from gswarm.head.policy import incoming, is_ready, partial_holder
+from gswarm.head.state import HEAD_KEY, Head
+from gswarm.ops import (
+    HEAD_NODE,
+    CopyArgs,
+    FetchArgs,
+    FetchResult,
+    Op,
+    ReplicateArgs,
+    ReplicateResult,
+    TargetOutcome,
+)
+from gswarm.protocol import Event, OpError, OpProgress
 
 log = logging.getLogger(__name__)
 
-HEAD_NODE = "@head"  # not a valid node id: no agent can claim it
 MAX_ATTEMPTS = 3
-
-
-def _incoming(head: Head, model: str, device: str) -> bool:
-    """A copy being written by a download or fetch (it will be able to serve peers)."""
-    op = _open_writer(head, model, device)
-    return op is not None and op.kind in ("download", "fetch")
-
-
-class ReplicateBody(msgspec.Struct):
-    """`POST /replicate`."""
-
-    model_name: str
-    targets: list[str] = msgspec.field(default_factory=list)
-    all_nodes: str | None = None
-    source_device: str | None = None
-    max_fanout: int = 1
-    bandwidth_limit: int | None = None
-    timeout: float | None = None
 
 
 async def replicate(request: web.Request) -> web.Response:
@@ -60,7 +51,8 @@ async def replicate(request: web.Request) -> web.Response:
 async def submit_replicate(head: Head, body: ReplicateBody) -> Submitted:
     """Validate a replication, create its op and start its coordinator."""
     model = validate_model_name(body.model_name, "model_name")
-    head.registry.get_model(model)
+    reg = head.registry
+    reg.get_model(model)
     if not 1 <= body.max_fanout <= 64:
         raise BadRequest(
             "max_fanout must be between 1 and 64", code="invalid_field", details={"field": "max_fanout"}
@@ -68,9 +60,7 @@ async def submit_replicate(head: Head, body: ReplicateBody) -> Submitted:
     targets = [str(parse_device(t, "targets")) for t in body.targets]
     if body.all_nodes:
         tier = body.all_nodes
-        if tier not in ("disk", "dram"):
-            raise BadRequest(f"all_nodes takes disk or dram, not {tier!r}", code="invalid_device")
-        targets += [f"{n.node_id}:{tier}" for n in head.registry.nodes.values() if n.status == "online"]
+        targets += [f"{n.node_id}:{tier}" for n in reg.nodes.values() if n.status == "online"]
     targets = list(dict.fromkeys(targets))
     if not targets:
         raise BadRequest(
@@ -80,12 +70,12 @@ async def submit_replicate(head: Head, body: ReplicateBody) -> Submitted:
         dev = parse_device(t, "targets")
         if dev.is_gpu:
             raise BadRequest(f"{t}: replication goes to disk or dram", code="unsupported_tier")
-        _require_node(head, dev)
+        require_node(head, dev)
     # A copy still arriving (a download under way) may seed the spread: it serves what it has.
     holders = [
         loc.device
-        for loc in head.registry.model_locations(model)
-        if loc.state == "ready" or _incoming(head, model, loc.device)
+        for loc in reg.model_locations(model)
+        if loc.state == "ready" or incoming(reg, model, loc.device)
     ]
     if body.source_device is not None:
         src = str(parse_device(body.source_device, "source_device"))
@@ -93,17 +83,15 @@ async def submit_replicate(head: Head, body: ReplicateBody) -> Submitted:
             raise Conflict(f"{model} is not held on {src}", code="not_held", details={"locations": holders})
     elif not [h for h in holders if parse_device(h).tier in ("disk", "dram")]:
         raise Conflict(f"{model} has no copy to replicate from", code="not_held")
-    args: dict[str, Any] = {
-        "model_name": model,
-        "targets": targets,
-        "source_device": body.source_device,
-        "max_fanout": body.max_fanout,
-        "bandwidth_limit": body.bandwidth_limit,
-    }
-    op, events = head.registry.create_op(
-        "replicate", HEAD_NODE, args, body.timeout or head.settings.op_timeout
+    args = ReplicateArgs(
+        model_name=model,
+        targets=targets,
+        source_device=body.source_device,
+        max_fanout=body.max_fanout,
+        bandwidth_limit=body.bandwidth_limit,
     )
-    events.extend(head.registry.op_accepted(op.op_id))
+    op, events = reg.create_op(HEAD_NODE, args, body.timeout or head.settings.op_timeout)
+    events.extend(reg.op_accepted(op.op_id))
     head.commit(events)
     head.spawn(Replication(head, op).run(), name=f"replicate-{op.op_id}")
     return Submitted(op)
@@ -113,12 +101,14 @@ class Replication:
     """The coordinator of one replicate op."""
 
     def __init__(self, head: Head, op: Op) -> None:
+        assert isinstance(op.args, ReplicateArgs)
         self.head = head
         self.op = op
-        self.model = str(op.args["model_name"])
-        self.fanout = int(op.args.get("max_fanout") or 1)
-        self.bandwidth = op.args.get("bandwidth_limit")
-        self.results: dict[str, dict[str, Any]] = {}
+        self.args = op.args
+        self.model = op.args.model_name
+        self.fanout = op.args.max_fanout or 1
+        self.bandwidth = op.args.bandwidth_limit
+        self.results: dict[str, TargetOutcome] = {}
         self.load: collections.Counter[str] = collections.Counter()
         self.attempts: collections.Counter[str] = collections.Counter()
         self.failed_sources: dict[str, set[str]] = collections.defaultdict(set)
@@ -127,12 +117,12 @@ class Replication:
         """Devices that can feed a target: ready copies, then copies still arriving (a target
         serves what it has while it downloads, so copies spread as a pipeline)."""
         reg = self.head.registry
-        first = self.op.args.get("source_device")
+        first = self.args.source_device
         found = [
             loc.device
             for loc in reg.model_locations(self.model)
             if parse_device(loc.device).tier in ("disk", "dram")
-            and (loc.state == "ready" or _partial_holder(self.head, self.model, loc.device))
+            and (loc.state == "ready" or partial_holder(reg, self.model, loc.device))
         ]
         found.sort(key=lambda d: (d != first, reg.locations[(self.model, d)].state != "ready", self.load[d]))
         return found
@@ -140,11 +130,11 @@ class Replication:
     async def run(self) -> None:
         """Drive fetch ops until every target is done or has failed for good."""
         reg = self.head.registry
-        targets: list[str] = list(self.op.args["targets"])
+        targets = list(self.args.targets)
         pending = collections.deque(t for t in targets if not self._ready(t))
         for t in targets:
             if self._ready(t):
-                self.results[t] = {"state": "succeeded", "already_present": True}
+                self.results[t] = TargetOutcome(state="succeeded", already_present=True)
         active: dict[str, tuple[str, str]] = {}  # child op id -> (target, source)
         try:
             while pending or active:
@@ -184,21 +174,18 @@ class Replication:
                 )
 
     def _sources_coming(self) -> bool:
-        return any(
-            _incoming(self.head, self.model, loc.device)
-            for loc in self.head.registry.model_locations(self.model)
-        )
+        reg = self.head.registry
+        return any(incoming(reg, self.model, loc.device) for loc in reg.model_locations(self.model))
 
     def _ready(self, device: str) -> bool:
-        loc = self.head.registry.locations.get((self.model, device))
-        return loc is not None and loc.state == "ready"
+        return is_ready(self.head.registry, self.model, device)
 
     async def _start_some(self, pending: collections.deque[str], active: dict[str, tuple[str, str]]) -> None:
         busy_nodes = {t.partition(":")[0] for t, _ in active.values()}
         for _ in range(len(pending)):
             target = pending.popleft()
             node = target.partition(":")[0]
-            running = _open_writer(self.head, self.model, target)
+            running = self.head.registry.open_writer(self.model, target)
             if running is not None:
                 # Already being written (the seed download, another request): follow that op;
                 # it takes no holder's slot.
@@ -219,7 +206,7 @@ class Replication:
                 if self._sources_coming():
                     pending.append(target)  # a copy on its way will be able to serve it
                     continue
-                self.results[target] = {"state": "failed", "error": "every holder failed to serve it"}
+                self.results[target] = TargetOutcome(state="failed", error="every holder failed to serve it")
                 continue
             if node in busy_nodes or not sources:
                 pending.append(target)
@@ -229,7 +216,7 @@ class Replication:
             try:
                 child = await self._fetch(target, source)
             except GswarmError as exc:
-                self.results[target] = {"state": "failed", "error": exc.message}
+                self.results[target] = TargetOutcome(state="failed", error=exc.message)
                 continue
             if child.terminal:
                 self._settle(child, target, source, pending)
@@ -241,33 +228,25 @@ class Replication:
     async def _fetch(self, target: str, source: str) -> Op:
         head = self.head
         dev = parse_device(target)
-        running = _open_writer(head, self.model, target)
+        running = head.registry.open_writer(self.model, target)
         if running is not None:
             return running
         src = parse_device(source)
+        mark = marking(head, self.model, target, "copying")
         if src.node == dev.node:
-            local = {
-                "model_name": self.model,
-                "source_tier": src.tier,
-                "target_tier": dev.tier,
-                "remove_source": False,
-                "parent_op": self.op.op_id,
-            }
-            return await head.dispatcher.submit(
-                "copy", dev.node, local, None, _writing(head, self.model, target, "copying")
+            local = CopyArgs(
+                model_name=self.model, source_tier=src.tier, target_tier=dev.tier, parent_op=self.op.op_id
             )
-        peers = peer_sources(head, self.model, dev.node, first=source)
-        args = {
-            "model_name": self.model,
-            "tier": dev.tier,
-            "peers": peers,
-            "bandwidth_limit": self.bandwidth,
-            "source_device": source,
-            "parent_op": self.op.op_id,
-        }
-        return await head.dispatcher.submit(
-            "fetch", dev.node, args, None, _writing(head, self.model, target, "copying")
+            return await head.dispatcher.submit(dev.node, local, None, mark)
+        fetch = FetchArgs(
+            model_name=self.model,
+            tier=dev.tier,
+            peers=peer_sources(head, self.model, dev.node, first=source),
+            bandwidth_limit=self.bandwidth,
+            source_device=source,
+            parent_op=self.op.op_id,
         )
+        return await head.dispatcher.submit(dev.node, fetch, None, mark)
 
     async def _wait_any(self, active: dict[str, tuple[str, str]], timeout: float) -> None:
         """Until a fetch ends, or `timeout` passes (a target that has started receiving may
@@ -283,25 +262,26 @@ class Replication:
 
     def _settle(self, child: Op, target: str, source: str, pending: collections.deque[str]) -> None:
         if child.state == "succeeded":
-            result = child.result or {}
-            self.results[target] = {
-                "state": "succeeded",
-                "op_id": child.op_id,
-                "from": result.get("from_peer") or source or str(child.args.get("source_url", "")),
-                "seconds": round((child.finished_at or 0) - (child.started_at or child.created_at), 3),
-            }
+            result = child.result
+            peer = result.from_peer if isinstance(result, FetchResult) else ""
+            self.results[target] = TargetOutcome(
+                state="succeeded",
+                op_id=child.op_id,
+                source=peer or source or str(getattr(child.args, "source_url", "")),
+                seconds=round((child.finished_at or 0) - (child.started_at or child.created_at), 3),
+            )
             return
         self.attempts[target] += 1
         if source:
             self.failed_sources[target].add(source)
         message = child.error.message if child.error else child.state
         if child.state == "cancelled" or self.attempts[target] >= MAX_ATTEMPTS:
-            self.results[target] = {"state": "failed", "op_id": child.op_id, "error": message}
+            self.results[target] = TargetOutcome(state="failed", op_id=child.op_id, error=message)
         else:
             pending.append(target)
 
     def _progress(self, total: int) -> None:
-        done = sum(1 for r in self.results.values() if r["state"] == "succeeded")
+        done = sum(1 for r in self.results.values() if r.state == "succeeded")
         progress = OpProgress(done=done, total=total, message=f"{done}/{total} targets ready")
         op = self.head.registry.ops[self.op.op_id]
         if op.progress.done != done or not op.progress.total:
@@ -310,18 +290,19 @@ class Replication:
     def _finish(self, targets: list[str]) -> None:
         reg = self.head.registry
         for t in targets:
-            self.results.setdefault(t, {"state": "failed", "error": "not attempted"})
+            self.results.setdefault(t, TargetOutcome(state="failed", error="not attempted"))
         self._progress(len(targets))
-        failed = [t for t, r in self.results.items() if r["state"] != "succeeded"]
+        failed = [t for t, r in self.results.items() if r.state != "succeeded"]
+        result = ReplicateResult(targets=self.results)
         events: list[Event]
         if failed:
             error = OpError(
                 "replication_incomplete",
                 f"{len(failed)} of {len(targets)} targets failed: {', '.join(failed)}",
             )
-            events = reg.op_finished(self.op.op_id, "failed", result={"targets": self.results}, error=error)
+            events = reg.op_finished(self.op.op_id, "failed", result=result, error=error)
         else:
-            events = reg.op_finished(self.op.op_id, "succeeded", result={"targets": self.results})
+            events = reg.op_finished(self.op.op_id, "succeeded", result=result)
         self.head.commit(events)
 
 
@@ -333,5 +314,7 @@ def resume(head: Head) -> None:
 
 
 def setup(app: web.Application) -> None:
-    """Attach the replicate route."""
+    """Attach the replicate route; replications a restart interrupted resume at start-up."""
+    head = app[HEAD_KEY]
+    head.on_started.append(lambda: resume(head))
     app.router.add_post("/replicate", replicate)

@@ -3,83 +3,27 @@ logs, health checks."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import msgspec
 from aiohttp import web
 
+from gswarm.api import HealthBody, LoadBody, ServeBody
 from gswarm.devices import Device, parse_device, validate_model_name
 from gswarm.errors import BadRequest, Conflict, InsufficientSpace, NotFound
-from gswarm.head.app import HEAD_KEY, Head
-from gswarm.head.routes import Submitted, _query_int, json_response, read_json, submitted_response
-from gswarm.head.transfers import _open_writer, _require_node, _where, _writing, write_result_hook
-from gswarm.protocol import Event, Failed, Op, Succeeded, service_id
-
-
-class LoadBody(msgspec.Struct):
-    """`POST /load`."""
-
-    model_name: str
-    device: str
-    source_device: str | None = None
-    keep_source: bool = True
-    timeout: float | None = None
-
-
-class ServeBody(msgspec.Struct):
-    """`POST /serve` (the original body, plus the backend)."""
-
-    model_name: str
-    device: str
-    port: int
-    config: dict[str, Any] = msgspec.field(default_factory=dict)
-    backend: str | None = None
-    timeout: float | None = None
-
-
-class HealthBody(msgspec.Struct):
-    """`POST /health_check`: a service (model and device) or a whole node."""
-
-    model_name: str | None = None
-    device: str | None = None
-    node_id: str | None = None
-
-
-def _gpu_device(head: Head, address: str, field: str) -> Device:
-    dev = parse_device(address, field)
-    if not dev.is_gpu:
-        raise BadRequest(
-            f"{address} is not a GPU device (node:gpuN)", code="invalid_device", details={"field": field}
-        )
-    _require_node(head, dev)
-    gpus = head.registry.nodes[dev.node].inventory.gpus
-    if dev.gpu_index not in {g.index for g in gpus}:
-        have = ", ".join(f"gpu{g.index}" for g in gpus) or "no GPUs"
-        raise BadRequest(
-            f"node {dev.node} has no {dev.tier} (it has {have})",
-            code="invalid_device",
-            details={"field": field},
-        )
-    return dev
-
-
-def _local_source(head: Head, model: str, dev: Device, source: str | None) -> Device:
-    """The copy on the GPU's node to load from: the one named, else dram before disk."""
-    reg = head.registry
-    if source is not None:
-        src = parse_device(source, "source_device")
-        loc = reg.locations.get((model, str(src)))
-        if src.node != dev.node or src.is_gpu or loc is None or loc.state != "ready":
-            raise Conflict(f"{model} cannot be loaded from {src}: {_where(head, model)}", code="not_held")
-        return src
-    for tier in ("dram", "disk"):
-        loc = reg.locations.get((model, f"{dev.node}:{tier}"))
-        if loc is not None and loc.state == "ready":
-            return Device(dev.node, tier)
-    raise Conflict(
-        f"{model} is not on {dev.node}'s dram or disk: {_where(head, model)}; copy it there first",
-        code="not_held",
-    )
+from gswarm.head.copies import already_there, gpu_device, marking, present, require_node, write_result
+from gswarm.head.dispatcher import Outcome
+from gswarm.head.http import Submitted, json_response, query_int, read_json, submitted_response
+from gswarm.head.policy import local_source, where
+from gswarm.head.state import HEAD_KEY, Head
+from gswarm.ops import (
+    HealthCheckArgs,
+    LoadArgs,
+    LoadResult,
+    LogsArgs,
+    LogsResult,
+    Op,
+    ServeArgs,
+    StopArgs,
+)
+from gswarm.protocol import Event, service_id
 
 
 async def start_load(
@@ -91,37 +35,24 @@ async def start_load(
     timeout: float | None,
 ) -> Submitted:
     """Create a `load` op (shared by `POST /load` and copy/move to a GPU)."""
-    src = _local_source(head, model, dev, source)
-    loc = head.registry.locations.get((model, str(dev)))
+    reg = head.registry
+    src = local_source(reg, model, dev, source)
+    assert dev.gpu_index is not None
+    args = LoadArgs(model_name=model, gpu=dev.gpu_index, source_tier=src.tier, remove_source=remove_source)
+    loc = reg.locations.get((model, str(dev)))
     if loc is not None and loc.state == "ready":
-        op, events = head.registry.create_op("load", dev.node, {"model_name": model, "gpu": dev.gpu_index}, 0)
-        events.extend(
-            head.registry.op_finished(
-                op.op_id, "succeeded", result={"already_present": True, "size": loc.size}
-            )
-        )
-        head.commit(events)
-        return Submitted(head.registry.get_op(op.op_id), 200)
-    running = _open_writer(head, model, str(dev))
+        return Submitted(already_there(head, dev.node, args, present(loc, LoadResult)), 200)
+    running = reg.open_writer(model, str(dev))
     if running is not None:
         return Submitted(running, 200)
-    size = head.registry.locations[(model, str(src))].size
-    gpu = next(g for g in head.registry.nodes[dev.node].inventory.gpus if g.index == dev.gpu_index)
+    size = reg.locations[(model, str(src))].size
+    gpu = next(g for g in reg.nodes[dev.node].inventory.gpus if g.index == dev.gpu_index)
     if size > gpu.memory_free:
         raise InsufficientSpace(
             f"{model} ({size} bytes) does not fit in {dev}: {gpu.memory_free} bytes free",
             details={"needed": size, "free": gpu.memory_free},
         )
-    args = {
-        "model_name": model,
-        "gpu": dev.gpu_index,
-        "tier": dev.tier,
-        "source_tier": src.tier,
-        "remove_source": remove_source,
-    }
-    op = await head.dispatcher.submit(
-        "load", dev.node, args, timeout, _writing(head, model, str(dev), "loading")
-    )
+    op = await head.dispatcher.submit(dev.node, args, timeout, marking(head, model, str(dev), "loading"))
     return Submitted(op)
 
 
@@ -135,7 +66,7 @@ async def submit_load(head: Head, body: LoadBody) -> Submitted:
     """Validate a load and create its op."""
     model = validate_model_name(body.model_name, "model_name")
     head.registry.get_model(model)
-    dev = _gpu_device(head, body.device, "device")
+    dev = gpu_device(head, body.device, "device")
     return await start_load(head, model, dev, body.source_device, not body.keep_source, body.timeout)
 
 
@@ -151,9 +82,9 @@ async def submit_serve(head: Head, body: ServeBody) -> Submitted:
     head.registry.get_model(model)
     dev = parse_device(body.device, "device")
     if dev.is_gpu:
-        dev = _gpu_device(head, body.device, "device")
+        dev = gpu_device(head, body.device, "device")
     else:
-        _require_node(head, dev)
+        require_node(head, dev)
     if not 1 <= body.port <= 65535:
         raise BadRequest(
             f"port {body.port} is out of range (1-65535)", code="invalid_port", details={"field": "port"}
@@ -179,7 +110,7 @@ async def submit_serve(head: Head, body: ServeBody) -> Submitted:
         usable = any(loc.device == str(dev) for loc in on_node)
     if not usable:
         raise Conflict(
-            f"{model} is not on {dev if not dev.is_gpu else dev.node}: {_where(head, model)}", code="not_held"
+            f"{model} is not on {dev if not dev.is_gpu else dev.node}: {where(reg, model)}", code="not_held"
         )
     sid = service_id(model, str(dev))
     existing = reg.services.get(sid)
@@ -190,15 +121,10 @@ async def submit_serve(head: Head, body: ServeBody) -> Submitted:
         if node.data_url
         else (node.addresses or ["127.0.0.1"])[0]
     )
-    args = {
-        "model_name": model,
-        "device": str(dev),
-        "port": body.port,
-        "backend": backend,
-        "config": body.config,
-        "host": host,
-    }
-    op = await head.dispatcher.submit("serve", dev.node, args, body.timeout)
+    args = ServeArgs(
+        model_name=model, device=str(dev), port=body.port, backend=backend, config=body.config, host=host
+    )
+    op = await head.dispatcher.submit(dev.node, args, body.timeout)
     return Submitted(op)
 
 
@@ -216,8 +142,8 @@ async def submit_stop(head: Head, model_name: str, device: str) -> Submitted:
     sid = service_id(model, str(dev))
     if sid not in head.registry.services:
         raise NotFound(f"{model} is not served on {dev}", code="service_not_found")
-    _require_node(head, dev)
-    op = await head.dispatcher.submit("stop", dev.node, {"service_id": sid}, 120)
+    require_node(head, dev)
+    op = await head.dispatcher.submit(dev.node, StopArgs(service_id=sid), 120)
     return Submitted(op)
 
 
@@ -232,15 +158,15 @@ async def logs(request: web.Request) -> web.Response:
     head = request.app[HEAD_KEY]
     model = validate_model_name(request.match_info["model_name"], "model_name")
     dev = parse_device(request.match_info["device"], "device")
-    _require_node(head, dev)
+    require_node(head, dev)
     sid = service_id(model, str(dev))
     op = await head.dispatcher.submit(
-        "logs", dev.node, {"service_id": sid, "lines": _query_int(request, "lines", 100)}, 30
+        dev.node, LogsArgs(service_id=sid, lines=query_int(request, "lines", 100)), 30
     )
     op = await head.dispatcher.wait(op.op_id, 30)
-    if op.state != "succeeded":
+    if op.state != "succeeded" or not isinstance(op.result, LogsResult):
         raise NotFound(op.error.message if op.error else f"no log for {sid}", code="service_not_found")
-    return json_response(op.result or {})
+    return json_response(op.result)
 
 
 async def health_check(request: web.Request) -> web.Response:
@@ -256,29 +182,32 @@ async def submit_health_check(head: Head, body: HealthBody) -> Submitted:
         sid = service_id(validate_model_name(body.model_name, "model_name"), str(dev))
         if sid not in head.registry.services:
             raise NotFound(f"{body.model_name} is not served on {dev}", code="service_not_found")
-        node, args = dev.node, {"service_id": sid}
+        node, args = dev.node, HealthCheckArgs(service_id=sid)
     elif body.node_id or body.device:
         node = body.node_id or parse_device(str(body.device), "device").node
-        args = {}
+        args = HealthCheckArgs()
     else:
         raise BadRequest("give model_name and device (a service), or node_id", code="invalid_field")
-    _require_node(head, Device(node, "disk"))
-    op = await head.dispatcher.submit("health_check", node, args, 60)
+    require_node(head, Device(node, "disk"))
+    op = await head.dispatcher.submit(node, args, 60)
     return Submitted(op)
 
 
-def _on_stop_result(head: Head) -> Any:
-    def hook(op: Op, msg: Succeeded | Failed) -> list[Event]:
-        if isinstance(msg, Succeeded) or (msg.error.code == "service_not_found"):
-            return head.registry.remove_service(str(op.args.get("service_id")))
-        return []
+def stop_result(head: Head, op: Op, outcome: Outcome) -> list[Event]:
+    """The result hook of `stop`: the service is gone (or was never there)."""
+    args = op.args
+    assert isinstance(args, StopArgs)
+    if outcome.error is None or outcome.error.code == "service_not_found":
+        return head.registry.remove_service(args.service_id)
+    return []
 
-    return hook
+
+load_result = write_result
+"""The result hook of `load`: the GPU copy is ready, or gone."""
 
 
 def setup(app: web.Application) -> None:
     """Attach the GPU and serving routes."""
-    head = app[HEAD_KEY]
     r = app.router
     r.add_post("/load", load)
     r.add_post("/serve", serve)
@@ -286,5 +215,3 @@ def setup(app: web.Application) -> None:
     r.add_get("/services", list_services)
     r.add_get("/logs/{model_name}/{device}", logs)
     r.add_post("/health_check", health_check)
-    head.dispatcher.on_result("load", write_result_hook(head))
-    head.dispatcher.on_result("stop", _on_stop_result(head))

@@ -9,180 +9,38 @@ report into location changes.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-import msgspec
 from aiohttp import web
 
-from gswarm import grants
+from gswarm.api import CopyBody, DownloadBody
 from gswarm.devices import Device, parse_device, validate_model_name
-from gswarm.errors import BadRequest, Conflict, GswarmError, InsufficientSpace, NotFound
-from gswarm.head.app import HEAD_KEY, Head
-from gswarm.head.routes import (
-    Submitted,
-    _query_flag,
-    json_response,
-    model_view,
-    op_response,
-    read_json,
-    submitted_response,
+from gswarm.errors import BadRequest, Conflict, GswarmError, NotFound
+from gswarm.head.copies import (
+    already_there,
+    gpu_device,
+    marking,
+    peer_sources,
+    present,
+    require_node,
+    write_result,
 )
-from gswarm.protocol import Event, Failed, Location, Op, Succeeded
+from gswarm.head.dispatcher import Outcome
+from gswarm.head.http import Submitted, json_response, op_response, query_flag, read_json, submitted_response
+from gswarm.head.policy import check_room, known_size, storage_device, where
+from gswarm.head.services import start_load
+from gswarm.head.state import HEAD_KEY, Head
+from gswarm.ops import (
+    CopyArgs,
+    CopyResult,
+    DeleteArgs,
+    DownloadArgs,
+    DownloadResult,
+    FetchArgs,
+    FetchResult,
+    Op,
+)
+from gswarm.protocol import Event, to_builtins
 from gswarm.sources import parse_source
-
-WRITING_STATES = frozenset({"pending", "downloading", "copying", "loading"})
-
-
-class DownloadBody(msgspec.Struct):
-    """`POST /download` (the original body, plus optional patterns)."""
-
-    model_name: str
-    source_url: str
-    target_device: str
-    model_type: str = "unknown"
-    allow_patterns: list[str] | None = None
-    ignore_patterns: list[str] | None = None
-    prefer_peer: bool = True
-    bandwidth_limit: int | None = None
-    timeout: float | None = None
-
-
-class CopyBody(msgspec.Struct):
-    """`POST /copy` and `POST /move` (the original body)."""
-
-    model_name: str
-    source_device: str
-    target_device: str
-    keep_source: bool = False
-    verify: str = "size"
-    bandwidth_limit: int | None = None
-    timeout: float | None = None
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _storage_device(address: str, field: str) -> Device:
-    dev = parse_device(address, field)
-    if dev.is_gpu:
-        raise BadRequest(
-            f"{address}: GPU tiers are reached with the load op, not {field.split('_')[0]} copies",
-            code="unsupported_tier",
-            details={"field": field},
-        )
-    return dev
-
-
-def _require_node(head: Head, dev: Device) -> None:
-    if dev.node not in head.registry.nodes:
-        raise Conflict(
-            f"node {dev.node!r} is not known: no agent has joined with that id",
-            code="node_offline",
-            details={"node_id": dev.node},
-        )
-    head.dispatcher.require_online(dev.node)
-
-
-def _where(head: Head, model: str) -> str:
-    locs = head.registry.model_locations(model)
-    if not locs:
-        return "it has no copies yet"
-    return "it is on " + ", ".join(f"{loc.device} ({loc.state})" for loc in locs)
-
-
-def _tier_free(head: Head, dev: Device) -> int | None:
-    node = head.registry.nodes.get(dev.node)
-    if node is None:
-        return None
-    for tier in node.inventory.tiers:
-        if tier.name == dev.tier:
-            return tier.free
-    return None
-
-
-def _known_size(head: Head, model: str) -> int:
-    sizes = [loc.size for loc in head.registry.model_locations(model) if loc.state == "ready" and loc.size]
-    return max(sizes, default=0)
-
-
-def _check_room(head: Head, dev: Device, size: int) -> None:
-    free = _tier_free(head, dev)
-    if size and free is not None and size > free:
-        raise InsufficientSpace(
-            f"{dev} has {free} bytes free, {size} needed; nothing was written",
-            details={"needed": size, "free": free, "device": str(dev)},
-        )
-
-
-def _open_writer(head: Head, model: str, device: str) -> Op | None:
-    loc = head.registry.locations.get((model, device))
-    if loc is None or loc.op_id is None:
-        return None
-    op = head.registry.ops.get(loc.op_id)
-    return op if op is not None and not op.terminal else None
-
-
-def _already_there(head: Head, kind: str, node: str, args: dict[str, Any], loc: Location) -> Op:
-    """A finished op that says the target already held a ready copy."""
-    reg = head.registry
-    op, events = reg.create_op(kind, node, args, 0)
-    result = {"already_present": True, "model": loc.model, "path": loc.path, "size": loc.size}
-    events.extend(reg.op_finished(op.op_id, "succeeded", result=result))
-    head.commit(events)
-    return reg.get_op(op.op_id)
-
-
-GRANT_TTL = 2 * 3600.0
-
-
-def _partial_holder(head: Head, model: str, device: str) -> bool:
-    """True when a copy is being written by a download or fetch that peers can read from
-    while it runs (its agent serves the ranges already written)."""
-    op = _open_writer(head, model, device)
-    if op is None or op.kind not in ("download", "fetch") or op.progress.done <= 0:
-        return False  # bytes flowing means the plan peers read is written
-    return not str(op.args.get("source_url", "")).startswith("file://")
-
-
-def peer_sources(head: Head, model: str, target_node: str, first: str | None = None) -> list[dict[str, Any]]:
-    """Copies of `model` on online nodes with a data server, each with a grant for
-    `target_node`: `first` (a device) leads, then ready copies, then copies still being
-    downloaded (served as far as they go)."""
-    reg = head.registry
-    holders = []
-    for loc in reg.model_locations(model):
-        node_id, _, tier = loc.device.partition(":")
-        node = reg.nodes.get(node_id)
-        if tier not in ("disk", "dram") or node is None or node_id == target_node:
-            continue
-        if node.status != "online" or not node.data_url or head.agents.get(node_id) is None:
-            continue
-        partial = loc.state != "ready"
-        if partial and not _partial_holder(head, model, loc.device):
-            continue
-        holders.append(
-            (loc.device != first, partial, tier != "dram", loc.device, node_id, tier, node.data_url)
-        )
-    holders.sort()
-    return [
-        {
-            "node_id": node_id,
-            "url": url,
-            "tier": tier,
-            "token": grants.mint(
-                grants.node_key(head.tokens.transfer_key, node_id), model, node_id, target_node, GRANT_TTL
-            ),
-        }
-        for _, _, _, _, node_id, tier, url in holders
-    ]
-
-
-def _writing(head: Head, model: str, device: str, state: str) -> Any:
-    def mark(op: Op) -> list[Event]:
-        return head.registry.set_location(model, device, state, op_id=op.op_id)
-
-    return mark
-
 
 # ---------------------------------------------------------------- routes
 
@@ -196,34 +54,34 @@ async def download(request: web.Request) -> web.Response:
 async def submit_download(head: Head, body: DownloadBody) -> Submitted:
     """Validate a download and create its op (or join the running one)."""
     model = validate_model_name(body.model_name, "model_name")
-    dev = _storage_device(body.target_device, "target_device")
+    dev = storage_device(body.target_device, "target_device")
     source = parse_source(body.source_url)
-    _require_node(head, dev)
+    require_node(head, dev)
+    reg = head.registry
     device = str(dev)
-    loc = head.registry.locations.get((model, device))
-    args: dict[str, Any] = {
-        "model_name": model,
-        "source_url": body.source_url,
-        "tier": dev.tier,
-        "allow_patterns": body.allow_patterns,
-        "ignore_patterns": body.ignore_patterns,
-        "bandwidth_limit": body.bandwidth_limit,
-    }
+    loc = reg.locations.get((model, device))
+    args = DownloadArgs(
+        model_name=model,
+        source_url=body.source_url,
+        tier=dev.tier,
+        allow_patterns=body.allow_patterns,
+        ignore_patterns=body.ignore_patterns,
+        bandwidth_limit=body.bandwidth_limit,
+    )
     if body.prefer_peer and not body.allow_patterns and not body.ignore_patterns:
-        args["peers"] = peer_sources(head, model, dev.node)
+        # Only a copy of these very bytes (same repo and revision, same URL) may stand in.
+        args.peers = peer_sources(head, model, dev.node, source=source)
     if loc is not None and loc.state == "ready":
-        return Submitted(_already_there(head, "download", dev.node, args, loc), 200)
-    running = _open_writer(head, model, device)
+        return Submitted(already_there(head, dev.node, args, present(loc, DownloadResult)), 200)
+    running = reg.open_writer(model, device)
     if running is not None:
         return Submitted(running, 200)
-    _check_room(head, dev, _known_size(head, model))
-    if model not in head.registry.models:
-        _, events = head.registry.register_model(
-            model, body.model_type, body.source_url, {"source": str(source)}
-        )
+    check_room(reg, dev, known_size(reg, model))
+    if model not in reg.models:
+        _, events = reg.register_model(model, body.model_type, body.source_url, {"source": str(source)})
         head.commit(events)
     op = await head.dispatcher.submit(
-        "download", dev.node, args, body.timeout, on_created=_writing(head, model, device, "downloading")
+        dev.node, args, body.timeout, on_created=marking(head, model, device, "downloading")
     )
     return Submitted(op)
 
@@ -231,51 +89,47 @@ async def submit_download(head: Head, body: DownloadBody) -> Submitted:
 async def submit_copy(head: Head, body: CopyBody, move: bool) -> Submitted:
     """Validate a copy or move (between tiers, between nodes, or onto a GPU) and create its op."""
     model = validate_model_name(body.model_name, "model_name")
-    src = _storage_device(body.source_device, "source_device")
-    head.registry.get_model(model)
+    src = storage_device(body.source_device, "source_device")
+    reg = head.registry
+    reg.get_model(model)
     if parse_device(body.target_device, "target_device").is_gpu:
-        from gswarm.head.services import _gpu_device, start_load
-
-        gpu = _gpu_device(head, body.target_device, "target_device")
+        gpu = gpu_device(head, body.target_device, "target_device")
         # A GPU holds only the tensors; config and tokenizer files stay with the source copy,
         # so a move onto a GPU keeps it (serving and restarts read from it).
         return await start_load(head, model, gpu, str(src), False, body.timeout)
-    dst = _storage_device(body.target_device, "target_device")
+    dst = storage_device(body.target_device, "target_device")
     if src == dst:
         raise BadRequest("source and target are the same device", details={"field": "target_device"})
-    if body.verify not in ("size", "sha256"):
-        raise BadRequest(
-            "verify must be 'size' or 'sha256'", code="invalid_field", details={"field": "verify"}
-        )
-    src_loc = head.registry.locations.get((model, str(src)))
+    src_loc = reg.locations.get((model, str(src)))
     if src_loc is None or src_loc.state != "ready":
         raise Conflict(
-            f"{model} is not held on {src}: {_where(head, model)}",
+            f"{model} is not held on {src}: {where(reg, model)}",
             code="not_held",
-            details={"locations": [loc.device for loc in head.registry.model_locations(model)]},
+            details={"locations": [loc.device for loc in reg.model_locations(model)]},
         )
-    _require_node(head, dst)
+    require_node(head, dst)
     remove_source = move and not body.keep_source
     if src.node != dst.node:
         return await _between_nodes(head, model, src, dst, remove_source, body)
-    args = {
-        "model_name": model,
-        "source_tier": src.tier,
-        "target_tier": dst.tier,
-        "remove_source": remove_source,
-        "verify": body.verify,
-    }
-    kind_name = "move" if move else "copy"
-    dst_loc = head.registry.locations.get((model, str(dst)))
+    args = CopyArgs(
+        model_name=model,
+        source_tier=src.tier,
+        target_tier=dst.tier,
+        remove_source=remove_source,
+        verify=body.verify,
+    )
+    dst_loc = reg.locations.get((model, str(dst)))
     if dst_loc is not None and dst_loc.state == "ready" and not remove_source:
-        return Submitted(_already_there(head, kind_name, dst.node, args, dst_loc), 200)
-    running = _open_writer(head, model, str(dst))
+        return Submitted(already_there(head, dst.node, args, present(dst_loc, CopyResult)), 200)
+    running = reg.open_writer(model, str(dst))
     if running is not None:
         return Submitted(running, 200)
     if dst_loc is None or dst_loc.state != "ready":
-        _check_room(head, dst, src_loc.size)
+        check_room(reg, dst, src_loc.size)
+    # A move onto a ready copy still runs: the agent checks the copies match, then removes the
+    # source, and its result says so (already_present and removed_source).
     op = await head.dispatcher.submit(
-        "copy", dst.node, args, body.timeout, on_created=_writing(head, model, str(dst), "copying")
+        dst.node, args, body.timeout, on_created=marking(head, model, str(dst), "copying")
     )
     return Submitted(op)
 
@@ -289,29 +143,30 @@ async def _between_nodes(
     body: CopyBody,
 ) -> Submitted:
     """The target node pulls from the source node's data server (other holders as fallbacks)."""
-    _require_node(head, src)
+    require_node(head, src)
+    reg = head.registry
     peers = peer_sources(head, model, dst.node, first=str(src))
-    if not peers or peers[0]["node_id"] != src.node:
+    if not peers or peers[0].node_id != src.node:
         raise Conflict(f"{src.node} has no data server reachable for peers", code="node_offline")
-    args: dict[str, Any] = {
-        "model_name": model,
-        "tier": dst.tier,
-        "peers": peers,
-        "bandwidth_limit": body.bandwidth_limit,
-        "source_device": str(src),
-        "remove_source": remove_source,
-    }
-    dst_loc = head.registry.locations.get((model, str(dst)))
+    args = FetchArgs(
+        model_name=model,
+        tier=dst.tier,
+        peers=peers,
+        bandwidth_limit=body.bandwidth_limit,
+        source_device=str(src),
+        remove_source=remove_source,
+    )
+    dst_loc = reg.locations.get((model, str(dst)))
     if dst_loc is not None and dst_loc.state == "ready" and not remove_source:
-        return Submitted(_already_there(head, "fetch", dst.node, args, dst_loc), 200)
-    running = _open_writer(head, model, str(dst))
+        return Submitted(already_there(head, dst.node, args, present(dst_loc, FetchResult)), 200)
+    running = reg.open_writer(model, str(dst))
     if running is not None:
         return Submitted(running, 200)
-    src_loc = head.registry.locations[(model, str(src))]
+    src_loc = reg.locations[(model, str(src))]
     if dst_loc is None or dst_loc.state != "ready":
-        _check_room(head, dst, src_loc.size)
+        check_room(reg, dst, src_loc.size)
     op = await head.dispatcher.submit(
-        "fetch", dst.node, args, body.timeout, on_created=_writing(head, model, str(dst), "copying")
+        dst.node, args, body.timeout, on_created=marking(head, model, str(dst), "copying")
     )
     return Submitted(op)
 
@@ -335,16 +190,19 @@ async def delete_location(request: web.Request) -> web.Response:
     model = validate_model_name(request.match_info["model_name"], "model_name")
     dev = parse_device(request.match_info["device"], "device")
     head.registry.get_model(model)
-    op = await delete_copy(head, model, dev, force=_query_flag(request, "force"))
+    op = await delete_copy(head, model, dev, force=query_flag(request, "force"))
     return await op_response(request, op)
 
 
 async def delete_copy(head: Head, model: str, dev: Device, force: bool) -> Op:
+    """Remove one copy (a `delete` op); 409 while an op writes it, unless `force` cancels that."""
     device = str(dev)
     loc = head.registry.locations.get((model, device))
     if loc is None:
-        raise NotFound(f"no copy of {model} on {device}: {_where(head, model)}", code="location_not_found")
-    writer = _open_writer(head, model, device)
+        raise NotFound(
+            f"no copy of {model} on {device}: {where(head.registry, model)}", code="location_not_found"
+        )
+    writer = head.registry.open_writer(model, device)
     if writer is not None:
         if not force:
             raise Conflict(
@@ -354,20 +212,9 @@ async def delete_copy(head: Head, model: str, dev: Device, force: bool) -> Op:
                 details={"op_id": writer.op_id},
             )
         await head.dispatcher.cancel(writer.op_id, "cancelled to delete the copy")
-    _require_node(head, dev)
-    previous = loc.state
-
-    def on_created(op: Op) -> list[Event]:
-        return head.registry.set_location(model, device, "deleting", op_id=op.op_id)
-
-    op = await head.dispatcher.submit(
-        "delete",
-        dev.node,
-        {"model_name": model, "tier": dev.tier, "previous_state": previous},
-        600,
-        on_created,
-    )
-    return op
+    require_node(head, dev)
+    args = DeleteArgs(model_name=model, tier=dev.tier, previous_state=loc.state)
+    return await head.dispatcher.submit(dev.node, args, 600, marking(head, model, device, "deleting"))
 
 
 async def delete_model(request: web.Request) -> web.Response:
@@ -376,9 +223,9 @@ async def delete_model(request: web.Request) -> web.Response:
     head = request.app[HEAD_KEY]
     model = validate_model_name(request.match_info["model_name"], "model_name")
     head.registry.get_model(model)
-    force = _query_flag(request, "force")
+    force = query_flag(request, "force")
     locs = head.registry.model_locations(model)
-    busy = [loc for loc in locs if _open_writer(head, model, loc.device) is not None]
+    busy = [loc for loc in locs if head.registry.open_writer(model, loc.device) is not None]
     if busy and not force:
         raise Conflict(
             f"{model} is being written on {', '.join(loc.device for loc in busy)}; "
@@ -391,7 +238,7 @@ async def delete_model(request: web.Request) -> web.Response:
             f"cannot remove copies on offline nodes: {', '.join(offline)} (force=true forgets them)",
             code="node_offline",
         )
-    view = model_view(head, model)
+    view = to_builtins(head.registry.model_view(model))
     ops = [
         await delete_copy(head, model, parse_device(loc.device), force=True)
         for loc in locs
@@ -403,8 +250,7 @@ async def delete_model(request: web.Request) -> web.Response:
         raise GswarmError(
             f"could not remove every copy of {model}: "
             + "; ".join(
-                f"{op.args.get('tier')} on {op.node_id}: {op.error.message if op.error else op.state}"
-                for op in failed
+                f"{_tier(op)} on {op.node_id}: {op.error.message if op.error else op.state}" for op in failed
             ),
             code="delete_failed",
         )
@@ -413,39 +259,21 @@ async def delete_model(request: web.Request) -> web.Response:
     return json_response({"deleted": model, "model": view, "ops": finals})
 
 
+def _tier(op: Op) -> str:
+    return op.args.tier if isinstance(op.args, DeleteArgs) else "?"
+
+
 # ---------------------------------------------------------------- result hooks
 
 
-def write_result_hook(head: Head) -> Any:
-    """The result hook of every op that writes a copy (download, copy, fetch, load): the
-    location becomes ready, or goes if the write failed; a move drops its source."""
-
-    def hook(op: Op, msg: Succeeded | Failed) -> list[Event]:
-        reg = head.registry
-        model = str(op.args.get("model_name"))
-        tier = str(op.args.get("tier") or op.args.get("target_tier"))
-        device = f"{op.node_id}:{tier}"
-        events: list[Event] = []
-        if isinstance(msg, Succeeded):
-            r = msg.result
-            events.extend(
-                reg.set_location(
-                    model, device, "ready", size=int(r.get("size", 0)), path=str(r.get("path", ""))
-                )
-            )
-            if r.get("removed_source"):
-                events.extend(reg.remove_location(model, f"{op.node_id}:{op.args.get('source_tier')}"))
-            source = op.args.get("source_device")
-            if op.kind == "fetch" and op.args.get("remove_source") and isinstance(source, str):
-                # A move between nodes: the source goes only now, after the target verified.
-                head.spawn(_remove_after_move(head, model, parse_device(source)))
-        else:
-            loc = reg.locations.get((model, device))
-            if loc is not None and loc.op_id == op.op_id and loc.state != "ready":
-                events.extend(reg.remove_location(model, device))
-        return events
-
-    return hook
+def fetch_result(head: Head, op: Op, outcome: Outcome) -> list[Event]:
+    """A fetch's copy becomes ready; after a move between nodes the source goes (only now,
+    after the target verified)."""
+    events = write_result(head, op, outcome)
+    args = op.args
+    if outcome.ok and isinstance(args, FetchArgs) and args.remove_source and args.source_device:
+        head.spawn(_remove_after_move(head, args.model_name, parse_device(args.source_device)))
+    return events
 
 
 async def _remove_after_move(head: Head, model: str, source: Device) -> None:
@@ -455,31 +283,11 @@ async def _remove_after_move(head: Head, model: str, source: Device) -> None:
         head.log_warning(f"move of {model}: the source copy on {source} stays: {exc.message}")
 
 
-def _on_delete_result(head: Head) -> Any:
-    def hook(op: Op, msg: Succeeded | Failed) -> list[Event]:
-        reg = head.registry
-        model = str(op.args.get("model_name"))
-        device = f"{op.node_id}:{op.args.get('tier')}"
-        if isinstance(msg, Succeeded):
-            return reg.remove_location(model, device)
-        loc = reg.locations.get((model, device))
-        if loc is not None and loc.state == "deleting":
-            return reg.set_location(model, device, str(op.args.get("previous_state", "ready")), op_id=None)
-        return []
-
-    return hook
-
-
 def setup(app: web.Application) -> None:
-    """Attach the tier-op routes and hooks."""
-    head = app[HEAD_KEY]
+    """Attach the tier-op routes."""
     r = app.router
     r.add_post("/download", download)
     r.add_post("/copy", copy)
     r.add_post("/move", move)
     r.add_delete("/models/{model_name}/locations/{device}", delete_location)
     r.add_delete("/models/{model_name}", delete_model)
-    head.dispatcher.on_result("download", write_result_hook(head))
-    head.dispatcher.on_result("copy", write_result_hook(head))
-    head.dispatcher.on_result("fetch", write_result_hook(head))
-    head.dispatcher.on_result("delete", _on_delete_result(head))
