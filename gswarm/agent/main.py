@@ -16,7 +16,7 @@ from gswarm.agent.dataserver import DataServer
 from gswarm.agent.executor import Executor, RunOp
 from gswarm.agent.gpu import GpuPool, GpuProbe
 from gswarm.agent.handlers import run_op
-from gswarm.agent.session import Session
+from gswarm.agent.session import AgentRefused, Session
 from gswarm.agent.stores import TierStore
 from gswarm.config import Settings
 from gswarm.devices import validate_node_id
@@ -35,7 +35,7 @@ from gswarm.protocol import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "AgentRefused"]
 
 
 class Agent:

@@ -30,6 +30,7 @@ from gswarm.config import (
     load_tokens,
 )
 from gswarm.errors import GswarmError
+from gswarm.sizes import parse_size
 
 T = TypeVar("T")
 
@@ -88,7 +89,7 @@ def _agent_token(token: str | None, state_dir: Path | None = None) -> str:
 
 
 async def _run_agent_task(agent_task: asyncio.Task[None]) -> None:
-    from gswarm.agent.session import AgentRefused
+    from gswarm.agent.main import AgentRefused
 
     try:
         await agent_task
@@ -192,7 +193,6 @@ def client_cmd(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run an agent on this node, connected to the head."""
-    from gswarm.agent.gpu import parse_size
     from gswarm.agent.main import Agent
 
     _setup_logging(verbose)
