@@ -1,21 +1,22 @@
 """Page-cache write sizes: what it costs to receive bytes over loopback and write them to fresh
 files, by the size of each write, next to curl and gswarm's range downloader.
 
-    python bench/write_sizes.py [--gib 2] [--runs 3] [--sizes 16K,32K,64K,1M] [--tmp-dir DIR]
+    python bench/write_sizes.py [--gib 2] [--runs 3] [--sizes 16K,32K,64K,1M] [--tmp-dir DIR] [--quick]
+
+Scenario: the same files (8 shards of random bytes and a config.json, `--gib` in all) fetched
+from a plain aiohttp `FileResponse` server (harness.py's `files` role) into a fresh directory on
+the same disk, after `sync` and the removal of the previous round's files, by
+  - one Python thread, `readinto` a 1 MiB buffer, `pwrite` in pieces of each size (no hash);
+  - gswarm's `RangeDownloader` with its defaults (streams, reads, writes, sha256 of every byte).
+Anchor: `curl` (sequential, one connection). The order of the contenders rotates every round.
 
 Why: the kernel sizes new page-cache folios by the write, and on a VM that returns free memory
 to its host (virtio-balloon free page reporting) large folios come from memory the host took
 back, which faults in again on first touch. gswarm's downloader writes 32 KiB at a time
 because of what this measures; on bare metal the sizes should cost about the same.
 
-Each round (the order rotates) fetches the same files from a plain aiohttp `FileResponse`
-server (bench/peer_copy.py's `_serve` role) into a fresh directory on the same disk, after
-`sync` and the removal of the previous round's files:
-  - `curl` (sequential, one connection), the anchor;
-  - one Python thread, `readinto` a 1 MiB buffer, `pwrite` in pieces of each size (no hash);
-  - gswarm's `RangeDownloader` with its defaults (streams, reads, writes, sha256 of every byte).
 Wall time and the receiver's user and system CPU (the server's is not counted) are reported as
-medians. Exit status 0, or 2 when something fails.
+medians. `--quick`: 1/16 GiB, 1 round (a smoke test). Exit status 0, or 2 when something fails.
 """
 
 from __future__ import annotations
@@ -25,30 +26,24 @@ import http.client
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import HARNESS, Processes, bench_env
+from measure import Timing, compare, comparison_table, md_table, median, rotate, time_call, write_model
 
-from bench.peer_copy import write_model  # noqa: E402
-from gswarm.agent.fetch.common import ByteCounter  # noqa: E402
-from gswarm.agent.fetch.hub import RemoteFile  # noqa: E402
-from gswarm.agent.fetch.ranges import RangeDownloader  # noqa: E402
+from gswarm.agent.fetch.common import ByteCounter
+from gswarm.agent.fetch.hub import RemoteFile
+from gswarm.agent.fetch.ranges import RangeDownloader
 
 MIB = 1 << 20
 SHARDS = 8
 """Files of random bytes in the source (plus a small config.json)."""
-
-Timing = tuple[float, float, float]
-"""(wall, user, system) seconds."""
 
 
 def parse_size(text: str) -> int:
@@ -57,16 +52,6 @@ def parse_size(text: str) -> int:
     if text[-1:].upper() in units:
         return int(text[:-1]) * units[text[-1].upper()]
     return int(text)
-
-
-def timed(fn: Callable[[], None], who: int) -> Timing:
-    """Run `fn`, measuring wall time and the CPU of `who` (RUSAGE_SELF or RUSAGE_CHILDREN)."""
-    before = resource.getrusage(who)
-    t0 = time.perf_counter()
-    fn()
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(who)
-    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
 
 
 def receive_with_writes(url: str, files: list[tuple[str, int]], dest: Path, piece: int) -> None:
@@ -97,6 +82,61 @@ def receive_with_writes(url: str, files: list[tuple[str, int]], dest: Path, piec
         conn.close()
 
 
+def bench(args: argparse.Namespace, tmp: Path, procs: Processes) -> None:
+    """The rounds and the table."""
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    files = write_model(tmp / "src", int(args.gib * (1 << 30)), SHARDS)
+    server = procs.spawn("files", [sys.executable, HARNESS, "files", str(tmp / "src")])
+    url = server.wait_for_sync(r"^(http://\S+)\s*$", stream="out").group(1)
+    dest = tmp / "dest"
+
+    def curl() -> None:
+        cmd = ["curl", "-s", "-f", "--noproxy", "*"]
+        for name, _ in files:
+            cmd += ["-o", str(dest / name), f"{url}/{name}"]
+        subprocess.run(cmd, check=True)
+
+    def gswarm() -> None:
+        wanted = [RemoteFile(rel=n, url=f"{url}/{n}", size=s) for n, s in files]
+        RangeDownloader(dest, {}, ByteCounter(), threading.Event()).run(wanted)
+
+    contenders: list[tuple[str, Callable[[], None], int]] = [("curl", curl, resource.RUSAGE_CHILDREN)]
+    for piece in sizes:
+        label = f"python, {piece >> 10} KiB writes" if piece < MIB else f"python, {piece >> 20} MiB writes"
+        contenders.append(
+            (label, lambda piece=piece: receive_with_writes(url, files, dest, piece), resource.RUSAGE_SELF)
+        )
+    contenders.append(("gswarm RangeDownloader", gswarm, resource.RUSAGE_SELF))
+    results: dict[str, list[Timing]] = {name: [] for name, _, _ in contenders}
+    for r in range(args.runs):
+        for name, fn, who in rotate(contenders, r):
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir()
+            os.sync()
+            results[name].append(time_call(fn, who))
+        print(
+            f"round {r + 1}: " + ", ".join(f"{n} {t[-1][0]:.2f} s" for n, t in results.items()),
+            file=sys.stderr,
+        )
+    nbytes = sum(s for _, s in files)
+    print(f"\n{nbytes / (1 << 30):.2f} GiB per round, medians of {args.runs} rounds (receiver's CPU only)\n")
+    rows = []
+    for name, timings in results.items():
+        wall, user, system = (median(t[i] for t in timings) for i in range(3))
+        rows.append((name, f"{wall:.2f} s", f"{user:.2f} s", f"{system:.2f} s", f"{nbytes / wall / 1e9:.2f}"))
+    print(md_table(("receiver", "wall", "user", "system", "GB/s"), rows, right=(1, 2, 3, 4)))
+    walls = {name: median(t[0] for t in timings) for name, timings in results.items()}
+    gib = f"{nbytes / (1 << 30):.2f} GiB"
+    row = compare(
+        f"receive {gib} over loopback into fresh files",
+        walls["gswarm RangeDownloader"],
+        "`curl`",
+        walls["curl"],
+        nbytes=nbytes,
+    )
+    print("\n" + comparison_table([row]))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the rounds and print the table."""
     parser = argparse.ArgumentParser(
@@ -106,79 +146,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="rounds [3]")
     parser.add_argument("--sizes", default="16K,32K,64K,1M", help="write sizes to try [16K,32K,64K,1M]")
     parser.add_argument("--tmp-dir", type=Path, default=None, help="where on disk to work [system temp]")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1/16 GiB, 1 round")
     args = parser.parse_args(argv)
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    if args.quick:
+        args.gib, args.runs = 1 / 16, 1
     if shutil.which("curl") is None:
         print("curl is needed for the anchor", file=sys.stderr)
         return 2
-    tmp = Path(tempfile.mkdtemp(prefix="gswarm-bench-writes-", dir=args.tmp_dir))
-    server: subprocess.Popen[str] | None = None
-    try:
-        files = write_model(tmp / "src", int(args.gib * (1 << 30)), SHARDS)
-        server = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "peer_copy.py"), "_serve", str(tmp / "src")],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert server.stdout is not None
-        url = server.stdout.readline().strip()
-        if not url.startswith("http://"):
-            print("the file server did not start", file=sys.stderr)
+    with tempfile.TemporaryDirectory(
+        prefix="gswarm-bench-writes-", dir=args.tmp_dir, ignore_cleanup_errors=True
+    ) as tmpdir:
+        tmp = Path(tmpdir)
+        procs = Processes(tmp / "logs", bench_env(tmp))
+        try:
+            bench(args, tmp, procs)
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:  # BenchError is a RuntimeError
+            print(f"benchmark failed: {exc}", file=sys.stderr)
             return 2
-        dest = tmp / "dest"
-
-        def curl() -> None:
-            cmd = ["curl", "-s", "-f", "--noproxy", "*"]
-            for name, _ in files:
-                cmd += ["-o", str(dest / name), f"{url}/{name}"]
-            subprocess.run(cmd, check=True)
-
-        def gswarm() -> None:
-            wanted = [RemoteFile(rel=n, url=f"{url}/{n}", size=s) for n, s in files]
-            RangeDownloader(dest, {}, ByteCounter(), threading.Event()).run(wanted)
-
-        contenders: list[tuple[str, Callable[[], None], int]] = [("curl", curl, resource.RUSAGE_CHILDREN)]
-        for piece in sizes:
-            label = (
-                f"python, {piece >> 10} KiB writes" if piece < MIB else f"python, {piece >> 20} MiB writes"
-            )
-            contenders.append(
-                (
-                    label,
-                    lambda piece=piece: receive_with_writes(url, files, dest, piece),
-                    resource.RUSAGE_SELF,
-                )
-            )
-        contenders.append(("gswarm RangeDownloader", gswarm, resource.RUSAGE_SELF))
-        results: dict[str, list[Timing]] = {name: [] for name, _, _ in contenders}
-        for r in range(args.runs):
-            order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
-            for name, fn, who in order:
-                shutil.rmtree(dest, ignore_errors=True)
-                dest.mkdir()
-                os.sync()
-                results[name].append(timed(fn, who))
-            print(
-                f"round {r + 1}: " + ", ".join(f"{n} {t[-1][0]:.2f} s" for n, t in results.items()),
-                file=sys.stderr,
-            )
-        nbytes = sum(s for _, s in files)
-        print(
-            f"\n{nbytes / (1 << 30):.2f} GiB per round, medians of {args.runs} rounds (receiver's CPU only)"
-        )
-        print(f"{'':28s} {'wall':>7s} {'user':>7s} {'system':>7s} {'GB/s':>6s}")
-        for name, timings in results.items():
-            wall, user, system = (statistics.median(t[i] for t in timings) for i in range(3))
-            print(f"{name:28s} {wall:6.2f}s {user:6.2f}s {system:6.2f}s {nbytes / wall / 1e9:6.2f}")
-        return 0
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            for proc in procs.list:
+                proc.stop()
+    return 0
 
 
 if __name__ == "__main__":
