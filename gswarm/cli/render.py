@@ -83,7 +83,11 @@ async def follow_op(c: Any, op: Op, detach: bool, json_out: bool, title: str) ->
         return op
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
-    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        handles_sigint = True
+    except (RuntimeError, ValueError):  # not the main thread (the CLI driven in-process)
+        handles_sigint = False
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -115,7 +119,8 @@ async def follow_op(c: Any, op: Op, detach: bool, json_out: bool, title: str) ->
                 bar.update(task, completed=final.progress.total or final.progress.done, note="done")
             return final
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        if handles_sigint:
+            loop.remove_signal_handler(signal.SIGINT)
 
 
 def done_line(op: Op) -> str:
