@@ -10,8 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+import traceback
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,18 @@ async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """`wait_for` for sync tests, whose head and agents are processes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
 
 
 @pytest.fixture
@@ -171,7 +185,9 @@ class Proc:
 
 
 class Cli:
-    """Runs gswarm commands as a user would, in an environment of its own."""
+    """Runs gswarm commands as a user would, in an environment of its own: `run` and `spawn`
+    start real processes, `invoke` and `ainvoke` run a command in this process (typer's
+    CliRunner: the same code, output and exit status, without a second of start-up)."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
@@ -210,18 +226,76 @@ class Cli:
             timeout=timeout,
         )
 
+    async def arun(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """`run` from an async test, whose event loop (and in-process head) must keep going."""
+        return await asyncio.to_thread(self.run, *args, env=env, timeout=timeout)
+
+    def invoke(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run one command in this process with the environment `run` gives a process.
+        The CLI calls asyncio.run: from an async test use `ainvoke`."""
+        from typer.testing import CliRunner
+
+        from gswarm.cli import app
+
+        overrides: dict[str, str | None] = {
+            k: v for k, v in self.env.items() if k.startswith("GSWARM_") or k == "COLUMNS"
+        }
+        overrides.update({"GSWARM_TOKEN": None, "GSWARM_HEAD_URL": None, **(env or {})})
+        with _invoke_lock:  # CliRunner swaps sys.stdout and os.environ: one command at a time
+            result = CliRunner().invoke(app, list(args), env=overrides)
+        stderr = result.stderr
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            # What a real process would print: an escaped exception is a traceback.
+            stderr += "Traceback (most recent call last):\n" + "".join(
+                traceback.format_exception(result.exception)
+            )
+        return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
+
+    async def ainvoke(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`invoke` in a thread, so the test's event loop (and the head in it) keeps running."""
+        return await asyncio.to_thread(self.invoke, *args, env=env)
+
     def stop_all(self) -> None:
         for proc in self.procs:
             proc.stop()
 
 
+_invoke_lock = threading.Lock()
+
+
+def _signal_handlers_off_the_main_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signals reach only the main thread, and an event loop elsewhere cannot register a handler:
+    one the CLI registers from `ainvoke`'s thread is dropped (Ctrl-C is tested on real
+    processes), as in a process that nobody interrupts."""
+    loop_cls = asyncio.SelectorEventLoop
+    add, remove = loop_cls.add_signal_handler, loop_cls.remove_signal_handler
+
+    def add_signal_handler(self: Any, sig: int, callback: Callable[..., object], *args: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            add(self, sig, callback, *args)
+
+    def remove_signal_handler(self: Any, sig: int) -> bool:
+        if threading.current_thread() is threading.main_thread():
+            return remove(self, sig)
+        return False
+
+    monkeypatch.setattr(loop_cls, "add_signal_handler", add_signal_handler)
+    monkeypatch.setattr(loop_cls, "remove_signal_handler", remove_signal_handler)
+
+
 @pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
+async def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cli]:
+    _signal_handlers_off_the_main_thread(monkeypatch)
     c = Cli(tmp_path)
     try:
         yield c
     finally:
-        c.stop_all()
+        # In a thread: a head in this event loop must answer the processes saying goodbye.
+        await asyncio.to_thread(c.stop_all)
 
 
 # ---------------------------------------------------------------- the test suite's Hub

@@ -1,28 +1,33 @@
-"""The real CLI in subprocesses, as a user runs it: the original quick start, offline
-detection after SIGKILL, a head restarted on the same state dir, clean SIGTERM, errors."""
+"""The CLI as a user runs it: the original quick start, offline detection after SIGKILL, a head
+restarted on the same state dir, clean SIGTERM, errors. Real processes where only a process
+shows it (`head`, `client` and `up` starting, signals, exit statuses end to end); the other
+commands run in-process (`cli.invoke`, `cli.ainvoke`) against a real head."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import subprocess
 import time
+from pathlib import Path
 
-from tests.conftest import Cli, free_port
+from gswarm.config import Settings
+from gswarm.head.app import HeadServer
+from tests.conftest import AgentRunner, Cli, free_port, wait_for, wait_until
+
+
+def _statuses(r: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    assert r.returncode == 0, r.stderr
+    return {n["node_id"]: n["status"] for n in json.loads(r.stdout)}
 
 
 def _node_status(cli: Cli, url: str, node: str) -> str:
-    r = cli.run("nodes", "--json", "--head-url", url)
-    assert r.returncode == 0, r.stderr
-    return next((n["status"] for n in json.loads(r.stdout) if n["node_id"] == node), "absent")
+    return _statuses(cli.invoke("nodes", "--json", "--head-url", url)).get(node, "absent")
 
 
-def _wait_status(cli: Cli, url: str, node: str, status: str, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if _node_status(cli, url, node) == status:
-            return time.monotonic() - start
-        time.sleep(0.2)
-    raise AssertionError(f"{node} not {status} within {timeout} s")
+async def _anode_status(cli: Cli, url: str, node: str) -> str:
+    return _statuses(await cli.ainvoke("nodes", "--json", "--head-url", url)).get(node, "absent")
 
 
 def test_original_quick_start(cli: Cli) -> None:
@@ -32,9 +37,9 @@ def test_original_quick_start(cli: Cli) -> None:
     head = cli.spawn("head", "--port", str(port), name="head")
     head.wait_output("listening on")
     url = f"http://localhost:{port}"
-    cli.spawn("client", url, "--node-id", "worker1", name="agent")
+    agent = cli.spawn("client", url, "--node-id", "worker1", name="agent")
     env = {"GSWARM_HEAD_URL": url}
-    _wait_status(cli, url, "worker1", "online", 15)
+    wait_until(lambda: _node_status(cli, url, "worker1") == "online", timeout=15)
 
     r = cli.run(
         "register", "llama-7b", "llm", "--source-url",
@@ -42,79 +47,102 @@ def test_original_quick_start(cli: Cli) -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "registered llama-7b" in r.stdout
-    r = cli.run("list", env=env)
+    r = cli.invoke("list", env=env)
     assert r.returncode == 0 and "llama-7b" in r.stdout and "llm" in r.stdout
-    r = cli.run("list", "--json", env=env)
+    r = cli.invoke("list", "--json", env=env)
     assert json.loads(r.stdout)[0]["source_url"] == "https://huggingface.co/meta-llama/Llama-2-7b-hf"
-    r = cli.run("nodes", env=env)
+    r = cli.invoke("nodes", env=env)
     assert "worker1" in r.stdout and "online" in r.stdout
-    r = cli.run("probe", "worker1", "--json", env=env)
+    r = cli.invoke("probe", "worker1", "--json", env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["state"] == "succeeded"
 
     # SIGTERM stops both cleanly.
-    assert cli.procs[1].stop() == 0
+    assert agent.stop() == 0
+    assert "agent stopped" in agent.output()
     assert head.stop() == 0
     assert "head stopped" in head.output()
 
 
-def test_errors_are_one_line_and_non_zero(cli: Cli) -> None:
-    _head, url = cli.start_head()
-    r = cli.run("register", "../x", "llm", "--head-url", url)
+async def test_errors_are_one_line_and_non_zero(head: HeadServer, cli: Cli) -> None:
+    url = head.url
+    r = await cli.arun("register", "../x", "llm", "--head-url", url)  # a real process, end to end
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "invalid model name" in r.stderr
     assert "Traceback" not in r.stderr
-    r = cli.run("show", "nope", "--head-url", url)
+    r = await cli.ainvoke("register", "../x", "llm", "--head-url", url)  # the same in-process
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "invalid model name" in r.stderr
+    r = await cli.ainvoke("show", "nope", "--head-url", url)
     assert r.returncode == 1 and "not registered" in r.stderr and "Traceback" not in r.stderr
-    r = cli.run("list", "--head-url", url, "--token", "wrong")
+    r = await cli.ainvoke("list", "--head-url", url, "--token", "wrong")
     assert r.returncode == 1 and "wrong token" in r.stderr
-    r = cli.run("list", "--head-url", "http://127.0.0.1:1")
+    r = await cli.ainvoke("list", "--head-url", "http://127.0.0.1:1")
     assert r.returncode == 1 and "cannot reach the head" in r.stderr and "Traceback" not in r.stderr
-    r = cli.run("probe", "ghost", "--head-url", url)
+    r = await cli.ainvoke("probe", "ghost", "--head-url", url)
     assert r.returncode == 1 and "not known" in r.stderr
 
 
-def test_sigkilled_agent_goes_offline_and_returns(cli: Cli) -> None:
-    _head, url = cli.start_head(GSWARM_OFFLINE_AFTER="3")
+async def test_sigkilled_agent_goes_offline_and_returns(head: HeadServer, cli: Cli) -> None:
+    url = head.url
     agent = cli.spawn("client", url, "--node-id", "w1", name="agent")
-    _wait_status(cli, url, "w1", "online", 15)
+    reg = head.head.registry
+    await wait_for(lambda: "w1" in reg.nodes and reg.nodes["w1"].status == "online", timeout=15)
+    assert await _anode_status(cli, url, "w1") == "online"
     agent.signal(signal.SIGKILL)
-    took = _wait_status(cli, url, "w1", "offline", 15)
-    assert took < 6
+    start = time.monotonic()
+    await wait_for(lambda: reg.nodes["w1"].status == "offline", timeout=15)
+    assert time.monotonic() - start < 6
+    assert await _anode_status(cli, url, "w1") == "offline"
     cli.spawn("client", url, "--node-id", "w1", name="agent2")
-    _wait_status(cli, url, "w1", "online", 15)
-    r = cli.run("events", "--no-follow", "--since", "0", "--topic", "node", "--json", "--head-url", url)
+    await wait_for(lambda: reg.nodes["w1"].status == "online", timeout=15)
+    assert await _anode_status(cli, url, "w1") == "online"
+    r = await cli.ainvoke(
+        "events", "--no-follow", "--since", "0", "--topic", "node", "--json",
+        "--head-url", url,
+    )  # fmt: skip
     kinds = [json.loads(line)["kind"] for line in r.stdout.splitlines()]
     assert kinds[0] == "node.registered" and "node.offline" in kinds and kinds[-1] == "node.online"
 
 
-def test_head_restart_keeps_registry_and_agents_return(cli: Cli) -> None:
-    port = free_port()
-    head, url = cli.start_head(port)
-    cli.spawn("client", url, "--node-id", "w1", name="agent")
-    _wait_status(cli, url, "w1", "online", 15)
-    assert cli.run("register", "m1", "llm", "--head-url", url).returncode == 0
-    assert cli.run("register", "m2", "diffusion", "--head-url", url).returncode == 0
-    before = json.loads(cli.run("list", "--json", "--head-url", url).stdout)
-    probe = json.loads(cli.run("probe", "w1", "--json", "--head-url", url).stdout)
+async def test_head_restart_keeps_registry_and_agents_return(
+    tmp_path: Path, settings: Settings, agents: AgentRunner, cli: Cli
+) -> None:
+    """The head stops (what SIGTERM does: test_original_quick_start) and starts again on the same
+    state dir and port; the agent, not restarted, comes back by itself."""
+    head = HeadServer(tmp_path / "state", "127.0.0.1", 0, settings)
+    await head.start()
+    try:
+        url = head.url
+        await agents.start(head, "w1")
+        assert (await cli.ainvoke("register", "m1", "llm", "--head-url", url)).returncode == 0
+        assert (await cli.ainvoke("register", "m2", "diffusion", "--head-url", url)).returncode == 0
+        before = json.loads((await cli.ainvoke("list", "--json", "--head-url", url)).stdout)
+        probe = json.loads((await cli.ainvoke("probe", "w1", "--json", "--head-url", url)).stdout)
 
-    assert head.stop() == 0  # SIGTERM: clean exit
-    _head2, _ = cli.start_head(port)
-    after = json.loads(cli.run("list", "--json", "--head-url", url).stdout)
-    assert after == before
-    op = json.loads(cli.run("ops", "--json", "--head-url", url).stdout)[0]
-    assert op["op_id"] == probe["op_id"] and op["state"] == "succeeded"
-    # The agent was not restarted: it reconnects by itself and takes work again.
-    _wait_status(cli, url, "w1", "online", 15)
-    r = cli.run("probe", "w1", "--json", "--head-url", url)
-    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "succeeded"
-    assert cli.procs[1].p.poll() is None
+        await head.stop()
+        head = HeadServer(tmp_path / "state", "127.0.0.1", head.port, settings)
+        await head.start()
+        after = json.loads((await cli.ainvoke("list", "--json", "--head-url", url)).stdout)
+        assert after == before and [m["name"] for m in after] == ["m1", "m2"]
+        op = json.loads((await cli.ainvoke("ops", "--json", "--head-url", url)).stdout)[0]
+        assert op["op_id"] == probe["op_id"] and op["state"] == "succeeded"
+        # The agent was not restarted: it reconnects by itself (its node online all along, no
+        # flap) and takes work again.
+        assert await _anode_status(cli, url, "w1") == "online"
+        reg = head.head.registry
+        await wait_for(lambda: reg.nodes["w1"].connected, timeout=15)
+        assert reg.nodes["w1"].status == "online"
+        r = await cli.ainvoke("probe", "w1", "--json", "--head-url", url)
+        assert r.returncode == 0 and json.loads(r.stdout)["state"] == "succeeded"
+        assert not agents.tasks["w1"].done()
+    finally:
+        await head.stop()
 
 
-def test_duplicate_node_id_agent_exits_with_reason(cli: Cli) -> None:
-    _head, url = cli.start_head()
-    cli.spawn("client", url, "--node-id", "w1", name="agent")
-    _wait_status(cli, url, "w1", "online", 15)
-    r = cli.run("client", url, "--node-id", "w1", timeout=30)
+async def test_duplicate_node_id_agent_exits_with_reason(
+    head: HeadServer, agents: AgentRunner, cli: Cli
+) -> None:
+    await agents.start(head, "w1")
+    r = await cli.arun("client", head.url, "--node-id", "w1", timeout=30)  # a real agent process
     assert r.returncode == 2
     assert "already online" in r.stderr and "Traceback" not in r.stderr
 
@@ -124,21 +152,25 @@ def test_up_runs_head_and_local_agent(cli: Cli) -> None:
     up = cli.spawn("up", "--port", str(port), "--node-id", "local", name="up")
     up.wait_output("up: head")
     url = f"http://127.0.0.1:{port}"
-    _wait_status(cli, url, "local", "online", 15)
-    r = cli.run("token", "--json")
+    wait_until(lambda: _node_status(cli, url, "local") == "online", timeout=15)
+    r = cli.invoke("token", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["api_token"].startswith("gsw_api_")
     assert up.stop() == 0
+    assert "stopped" in up.output()
 
 
-def test_sync_client(cli: Cli) -> None:
-    """The SDK's blocking wrapper, against a head started through the CLI."""
+async def test_sync_client(head: HeadServer) -> None:
+    """The SDK's blocking wrapper, from a thread with no event loop of its own."""
     from gswarm.client import SyncClient
     from gswarm.config import load_tokens
 
-    _head, url = cli.start_head()
-    tokens = load_tokens(cli.tmp_path / "state")
+    tokens = load_tokens(head.head.state_dir)
     assert tokens is not None
-    sdk = SyncClient(url, tokens.api_token)
-    sdk.register_model("m1", "llm", source_url="hf://org/m1")
-    assert [m.name for m in sdk.list_models()] == ["m1"]
-    assert sdk.health()["status"] == "ok"
+
+    def use() -> None:
+        sdk = SyncClient(head.url, tokens.api_token)
+        sdk.register_model("m1", "llm", source_url="hf://org/m1")
+        assert [m.name for m in sdk.list_models()] == ["m1"]
+        assert sdk.health()["status"] == "ok"
+
+    await asyncio.to_thread(use)

@@ -53,9 +53,12 @@ async def test_replay_reads_back_from_sqlite_past_the_ring(tmp_path: Path) -> No
         async with GswarmClient(server.url, server.head.tokens.api_token) as c:
             for i in range(12):
                 await c.register_model(f"m{i}", "llm")
-            await asyncio.sleep(0.2)  # let the writer thread commit
-            events = await c.list_events(2)
-            assert [e.key for e in events] == [f"m{i}" for i in range(2, 12)]
+            want = [f"m{i}" for i in range(2, 12)]
+
+            async def replayed() -> bool:  # once the writer thread has committed
+                return [e.key for e in await c.list_events(2)] == want
+
+            await wait_for(replayed, timeout=10)
     finally:
         await server.stop()
 

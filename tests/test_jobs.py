@@ -19,7 +19,7 @@ from gswarm.client import GswarmClient
 from gswarm.errors import InvalidWorkflow
 from gswarm.head.app import HeadServer
 from gswarm.protocol import Job
-from tests.conftest import AgentRunner, Cli, free_port, tree_bytes, wait_for
+from tests.conftest import AgentRunner, Cli, free_port, tree_bytes, wait_for, wait_until
 from tests.hubserver import HubRepo, ThreadedHubServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -124,11 +124,11 @@ async def test_ten_thousand_actions_are_refused_quickly(client: GswarmClient) ->
 def test_check_prints_every_problem(cli: Cli, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nactions:\n  - action: download\n    model: m\n  - action: fly\n")
-    r = cli.run("job", str(bad), "--check")
+    r = cli.invoke("job", str(bad), "--check")
     assert r.returncode == 1 and "download needs 'source'" in r.stderr and "unknown action 'fly'" in r.stderr
     assert "Traceback" not in r.stderr
     good = Path(__file__).parents[1] / "examples" / "multi-model.yaml"
-    r = cli.run("job", str(good), "--check")
+    r = cli.invoke("job", str(good), "--check")
     assert (
         r.returncode == 0
         and "4 actions" in r.stdout
@@ -284,34 +284,34 @@ def test_head_killed_mid_job_finishes_after_restart(cli: Cli, tiny_repo_dir: Pat
         port = free_port()
         head, url = cli.start_head(port)
         cli.spawn("client", url, "--node-id", "n1", env={"HF_ENDPOINT": hub.url}, name="agent")
-        deadline = time.monotonic() + 15
-        while (
-            time.monotonic() < deadline
-            and '"online"' not in cli.run("nodes", "--json", "--head-url", url).stdout
-        ):
-            time.sleep(0.2)
+        wait_until(lambda: '"online"' in cli.invoke("nodes", "--json", "--head-url", url).stdout, timeout=15)
         jobfile = tmp_path / "job.yaml"
         jobfile.write_text(
             "name: survive\nactions:\n"
             "  - {id: dl, action: download, model: tiny, source: org/tiny, target: n1:disk}\n"
             "  - {id: stage, action: copy, model: tiny, from: n1:disk, to: n1:dram}\n"
         )
-        r = cli.run("job", str(jobfile), "--detach", "--head-url", url)
+        r = cli.invoke("job", str(jobfile), "--detach", "--head-url", url)
         assert r.returncode == 0, r.stderr
         job_id = r.stdout.strip()
-        time.sleep(1.5)  # mid-download
+
+        def downloaded() -> int:
+            ops = json.loads(cli.invoke("ops", "--json", "--head-url", url).stdout)
+            return sum(op["progress"]["done"] for op in ops if op["kind"] == "download")
+
+        wait_until(lambda: downloaded() > 10 << 20, timeout=20)  # mid-download
         head.signal(signal.SIGKILL)
         head.p.wait()
         cli.start_head(port)
-        deadline = time.monotonic() + 60
-        state = ""
-        while time.monotonic() < deadline:
-            shown = json.loads(cli.run("jobs", "show", job_id, "--json", "--head-url", url).stdout)
-            state = shown["state"]
-            if state in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(0.3)
-        assert state == "succeeded", shown
+
+        def finished() -> dict[str, Any] | None:
+            shown: dict[str, Any] = json.loads(
+                cli.invoke("jobs", "show", job_id, "--json", "--head-url", url).stdout
+            )
+            return shown if shown["state"] in ("succeeded", "failed", "cancelled") else None
+
+        shown = wait_until(finished, timeout=60, interval=0.2)
+        assert shown["state"] == "succeeded", shown
         assert {a["id"]: a["state"] for a in shown["actions"]} == {"dl": "succeeded", "stage": "succeeded"}
         assert tree_bytes(cli.tmp_path / "dram" / "tiny") == tree_bytes(tiny_repo_dir)
     finally:
