@@ -100,7 +100,7 @@ async def test_load_serve_restart_stop_on_simulated_gpu(
     await wait_for(lambda: ("tiny-llm", "w1:gpu0") not in head.head.registry.locations, timeout=10)
     assert agent.gpu_pool.resident.get(0, {}) == {}
     gpus = (await client.probe("w1", wait=True)).result
-    assert gpus is not None and gpus["inventory"]["gpus"][0]["memory_free"] == 1 << 30
+    assert gpus is not None and gpus.inventory.gpus[0].memory_free == 1 << 30
     assert await client.list_services() == []
 
     # A loaded model is freed by rm; a worker that dies takes its locations with it.
