@@ -1,7 +1,7 @@
 """The original README's two job examples, unchanged, run end to end against real agents (on
 simulated GPUs) and the test suite's Hub, whose huggingface.co URLs resolve through
 HF_ENDPOINT. Both repos are the same tiny generated causal LM: the builtin backend serves
-transformers language models. Needs torch and transformers (`tox -e serve`)."""
+transformers language models. Needs torch and transformers (`tox -e py`)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ pytestmark = [
     pytest.mark.timeout(300),
     pytest.mark.skipif(
         importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
-        reason="needs torch and transformers (the serve extra): run `tox -e serve`",
+        reason="needs torch and transformers (the serve extra): run `tox -e py`",
     ),
     pytest.mark.skipif(
         not (_port_free(8080) and _port_free(8081)), reason="the examples serve on ports 8080 and 8081"

@@ -1,11 +1,12 @@
 """The GPU tier and the builtin backend with a real (tiny) transformers model on a simulated
 GPU: download -> load onto gpu0 -> serve -> completions -> the server process is killed and
-comes back -> stop -> memory freed. Needs torch and transformers: `tox -e serve` installs
+comes back -> stop -> memory freed. Needs torch and transformers: `tox -e py` installs
 them; elsewhere these tests skip."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib.util
 import json
 import os
@@ -27,16 +28,25 @@ pytestmark = [
     pytest.mark.timeout(240),
     pytest.mark.skipif(
         importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
-        reason="needs torch and transformers (the serve extra): run `tox -e serve`",
+        reason="needs torch and transformers (the serve extra): run `tox -e py`",
     ),
 ]
 
 
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-llm")
-    script = Path(__file__).with_name("make_tiny_llm.py")
-    subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=180)
+    """Generated once per run: pytest-xdist's workers share it (it takes seconds of CPU)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's directory, above each worker's own
+    out = base / "tiny-llm"
+    with (base / "tiny-llm.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker generates, the others wait for it
+        if not out.exists():
+            partial = base / "tiny-llm.partial"
+            script = Path(__file__).with_name("make_tiny_llm.py")
+            subprocess.run([sys.executable, str(script), str(partial)], check=True, timeout=180)
+            partial.rename(out)
     return out
 
 
