@@ -132,7 +132,7 @@ async def test_move_onto_a_ready_copy_says_it_removed_the_source(
     token = head.head.tokens.api_token
     r = await _invoke("move", "m", "w1:disk", "w1:dram", url=head.url, token=token)
     assert r.exit_code == 0, r.output
-    assert "already on w1:dram; removed the source copy on w1:disk" in r.stdout
+    assert "already on w1:dram; removed the source copy on w1:disk" in " ".join(r.stdout.split())
     assert not agent.stores["disk"].model_dir("m").exists()
     assert [loc.device for loc in (await client.get_model("m")).locations] == ["w1:dram"]
     op = (await client.list_ops(kind="copy"))[0]
@@ -163,5 +163,5 @@ async def test_download_takes_a_peer_copy_only_of_the_same_source(
         # The same repo: w1 serves it, and the CLI says so.
         token = head.head.tokens.api_token
         r = await _invoke("download", "m", "org/tiny", "w3:disk", url=head.url, token=token)
-        assert r.exit_code == 0 and "from w1" in r.stdout, r.output
+        assert r.exit_code == 0 and "from w1" in " ".join(r.stdout.split()), r.output
         assert tree_bytes(agents.agents["w3"].stores["disk"].model_dir("m")) == tree_bytes(tiny_repo_dir)
