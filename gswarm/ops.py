@@ -372,11 +372,12 @@ class UnknownKind(ValueError):
     """An op kind this side does not know (a newer peer, or a hostile one)."""
 
 
+_KIND_OF_ARGS: dict[type[Args], str] = {k.args: name for name, k in KINDS.items()}
+
+
 def kind_of(args: OpArgs) -> str:
     """The kind name of an args Struct."""
-    tag = msgspec.inspect.type_info(type(args))
-    assert isinstance(tag, msgspec.inspect.StructType) and isinstance(tag.tag, str)
-    return tag.tag
+    return _KIND_OF_ARGS[type(args)]
 
 
 def decode_args(kind: str, raw: bytes) -> OpArgs:

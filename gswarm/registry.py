@@ -41,6 +41,7 @@ from gswarm.states import (
     ACTION_MOVES,
     ACTION_TERMINAL,
     JOB_MOVES,
+    LOCATION_MOVES,
     OP_MOVES,
     ActionState,
     JobState,
@@ -417,6 +418,7 @@ class Registry:
         if loc is None:
             loc = Location(model=model, device=device, state=state)
             self.locations[(model, device)] = loc
+        check_move(f"location {model}@{device}", LOCATION_MOVES, loc.state, state)
         loc.state = state
         if size is not None:
             loc.size = size

@@ -54,6 +54,21 @@ ACTION_MOVES: Final[dict[ActionState, frozenset[ActionState]]] = {
     "cancelled": frozenset(),
 }
 
+_ANY_LOCATION: Final = frozenset[LocationState](
+    {"pending", "downloading", "copying", "loading", "ready", "failed", "deleting"}
+)
+LOCATION_MOVES: Final[dict[LocationState, frozenset[LocationState]]] = {
+    "pending": _ANY_LOCATION,
+    "downloading": WRITING | {"ready", "failed", "deleting"},
+    "copying": WRITING | {"ready", "failed", "deleting"},
+    "loading": WRITING | {"ready", "failed", "deleting"},
+    "ready": frozenset({"deleting"}),
+    "failed": _ANY_LOCATION,
+    "deleting": _ANY_LOCATION,  # a failed delete puts the copy back as it was
+}
+"""A ready copy is never rewritten in place: it is deleted first. Services have no table: the
+agent running them is the truth about their state, and the head records what it reports."""
+
 S = TypeVar("S", bound=str)
 
 

@@ -178,6 +178,7 @@ ACTION_TYPES: dict[str, type[Action]] = {
     "health_check": HealthCheckAction,
 }
 ACTIONS = tuple(ACTION_TYPES)
+_KIND_OF_ACTION = {cls: kind for kind, cls in ACTION_TYPES.items()}
 
 
 @dataclass
@@ -203,9 +204,7 @@ class ActionSpec:
 
 
 def _kind(fields_: Action) -> str:
-    info = msgspec.inspect.type_info(type(fields_))
-    assert isinstance(info, msgspec.inspect.StructType) and isinstance(info.tag, str)
-    return info.tag
+    return _KIND_OF_ACTION[type(fields_)]
 
 
 @dataclass

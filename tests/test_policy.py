@@ -91,3 +91,6 @@ def test_states_move_only_forward() -> None:
     reg.set_job_state(job, "succeeded")
     with pytest.raises(IllegalTransition):
         reg.set_job_state(job, "running")
+    reg.set_location("m", "a:disk", "ready")
+    with pytest.raises(IllegalTransition):  # a ready copy is deleted first, never rewritten in place
+        reg.set_location("m", "a:disk", "copying")

@@ -9,6 +9,7 @@ report into location changes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -129,7 +130,7 @@ async def submit_copy(head: Head, body: CopyBody, move: bool) -> Submitted:
     # A move onto a ready copy still runs: the agent checks the copies match, then removes the
     # source, and its result says so (already_present and removed_source).
     op = await head.dispatcher.submit(
-        dst.node, args, body.timeout, on_created=marking(head, model, str(dst), "copying")
+        dst.node, args, body.timeout, on_created=_mark_unless_ready(head, model, str(dst))
     )
     return Submitted(op)
 
@@ -166,7 +167,7 @@ async def _between_nodes(
     if dst_loc is None or dst_loc.state != "ready":
         check_room(reg, dst, src_loc.size)
     op = await head.dispatcher.submit(
-        dst.node, args, body.timeout, on_created=marking(head, model, str(dst), "copying")
+        dst.node, args, body.timeout, on_created=_mark_unless_ready(head, model, str(dst))
     )
     return Submitted(op)
 
@@ -257,6 +258,15 @@ async def delete_model(request: web.Request) -> web.Response:
     if model in head.registry.models:
         head.commit(head.registry.delete_model(model))
     return json_response({"deleted": model, "model": view, "ops": finals})
+
+
+def _mark_unless_ready(head: Head, model: str, device: str) -> Callable[[Op], list[Event]] | None:
+    """Mark the target as being copied, unless it already holds a ready copy (a move onto it
+    only removes the source: the ready copy must not look, or be dropped as, half-written)."""
+    loc = head.registry.locations.get((model, device))
+    if loc is not None and loc.state == "ready":
+        return None
+    return marking(head, model, device, "copying")
 
 
 def _tier(op: Op) -> str:
