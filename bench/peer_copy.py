@@ -157,6 +157,9 @@ class PeerBench:
         self.cluster = cluster
         await cluster.start_head()
         args = ["--data-bandwidth", str(cap)] if cap else []
+        # The seeding downloads read their file:// sources there (nothing else).
+        for src in ("copy-src", "repl-src"):
+            args += ["--allow-file-root", str(self.tmp / src)]
         nodes = [f"n{i}" for i in range(1, agents + 1)]
         root = cluster.root
         await cluster.start_agents(nodes, root, root, *args, env={"HF_ENDPOINT": hub_url}, data_url=True)

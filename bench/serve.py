@@ -266,7 +266,8 @@ async def bench(args: argparse.Namespace, res: Results, cluster: Cluster, dram_r
     await cluster.start_head()
     client = cluster.client
     sim = f"1:{max(8 << 30, 2 * size) >> 20}M"
-    disk, dram = (await cluster.start_agents(["n1"], root, dram_root, "--simulate-gpus", sim))["n1"]
+    agent_args = ("--simulate-gpus", sim, "--allow-file-root", str(src))
+    disk, dram = (await cluster.start_agents(["n1"], root, dram_root, *agent_args))["n1"]
     for tier in ("disk", "dram"):
         t0 = time.perf_counter()
         call = client.download(MODEL, f"file://{src}", f"n1:{tier}", model_type="llm", wait=True)
@@ -321,7 +322,9 @@ async def bench_cuda(
         return
     res.cuda["device_name"] = check["name"]
     log(f"cuda: {check['name']}; starting agent n2 without --simulate-gpus")
-    _, dram = (await cluster.start_agents(["n2"], cluster.root, dram_root))["n2"]
+    _, dram = (await cluster.start_agents(["n2"], cluster.root, dram_root, "--allow-file-root", str(src)))[
+        "n2"
+    ]
     if not (await client.get_node("n2")).inventory.gpus:
         res.cuda = {"skipped": "CUDA works, but agent n2 reports no GPUs (nvidia-ml-py / NVML missing?)"}
         return

@@ -370,7 +370,9 @@ async def amain(args: argparse.Namespace, tmp: Path, shm: Path) -> int:
         log(f"model files written in {time.perf_counter() - t0:.1f} s; starting processes")
         hub_url = "http://127.0.0.1:9" if args.skip_download else await cluster.start_hub(hub_src, REPO_ID)
         await cluster.start_head()
-        await cluster.start_agents([NODE], tmp, shm, env={"HF_ENDPOINT": hub_url})
+        await cluster.start_agents(
+            [NODE], tmp, shm, "--allow-file-root", str(copy_src), env={"HF_ENDPOINT": hub_url}
+        )
         await cluster.watch(progress=True)
         log("head, agent and Hub server are up")
         if not args.skip_copy:

@@ -35,8 +35,13 @@ def default_disk_dir() -> Path:
 
 
 def default_dram_dir() -> Path:
-    """Where an agent keeps its `dram` tier (a tmpfs): `$GSWARM_DRAM_DIR`, else /dev/shm/gswarm."""
-    return Path(os.environ.get("GSWARM_DRAM_DIR", "/dev/shm/gswarm")).expanduser()
+    """Where an agent keeps its `dram` tier (a tmpfs): `$GSWARM_DRAM_DIR`, else
+    `/dev/shm/gswarm-<uid>`, one per user (the agent creates it 0700 and refuses one that
+    another user made first)."""
+    env = os.environ.get("GSWARM_DRAM_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(f"/dev/shm/gswarm-{os.getuid()}")
 
 
 @dataclass

@@ -160,7 +160,9 @@ class ServeArgs(Args, tag="serve"):
     backend: str = "builtin"
     config: dict[str, Any] = msgspec.field(default_factory=dict)
     """The backend's own options, passed through as the user wrote them."""
-    host: str = "127.0.0.1"
+    host: str = ""
+    """The address the service listens on; empty: the agent's `--service-host` (127.0.0.1
+    unless its operator said otherwise)."""
 
 
 class StopArgs(Args, tag="stop"):

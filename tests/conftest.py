@@ -98,19 +98,24 @@ async def client(head: HeadServer) -> AsyncIterator[GswarmClient]:
 
 
 class AgentRunner:
-    """Starts in-process agents and stops them at teardown."""
+    """Starts in-process agents and stops them at teardown. Their `file://` downloads may read
+    below `file_root` (the test session's temporary directory) unless a test says otherwise,
+    and never the head's state dir (as for an agent on the head's machine)."""
 
-    def __init__(self, tmp_path: Path, settings: Settings) -> None:
+    def __init__(self, tmp_path: Path, settings: Settings, file_root: Path | None = None) -> None:
         self.tmp_path = tmp_path
         self.settings = settings
+        self.file_roots = [file_root] if file_root is not None else []
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.agents: dict[str, Agent] = {}
 
     def make(self, url: str, token: str, node_id: str, **kw: Any) -> Agent:
         base = self.tmp_path / "nodes" / node_id
+        kw.setdefault("file_roots", self.file_roots)
         return Agent(url, node_id, token, base / "disk", base / "dram", self.settings, **kw)
 
     async def start(self, head: HeadServer, node_id: str, **kw: Any) -> Agent:
+        kw.setdefault("private_dirs", [head.head.state_dir])
         agent = self.make(head.url, head.head.tokens.join_token, node_id, **kw)
         self.tasks[node_id] = asyncio.create_task(agent.run())
         self.agents[node_id] = agent
@@ -128,8 +133,10 @@ class AgentRunner:
 
 
 @pytest.fixture
-async def agents(tmp_path: Path, settings: Settings) -> AsyncIterator[AgentRunner]:
-    runner = AgentRunner(tmp_path, settings)
+async def agents(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, settings: Settings
+) -> AsyncIterator[AgentRunner]:
+    runner = AgentRunner(tmp_path, settings, tmp_path_factory.getbasetemp())
     try:
         yield runner
     finally:
@@ -356,3 +363,25 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and not p.name.startswith(".gswarm")
     }
+
+
+def listening_hosts(port: int) -> set[str]:
+    """The addresses sockets of this machine listen on at a TCP port (from /proc/net/tcp{,6})."""
+    import ipaddress
+
+    found = set()
+    for name, size in (("tcp", 4), ("tcp6", 16)):
+        try:
+            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            packed = b"".join(raw[i : i + 4][::-1] for i in range(0, size, 4))
+            found.add(str(ipaddress.ip_address(packed)))
+    return found

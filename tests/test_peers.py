@@ -133,7 +133,7 @@ async def test_peer_dying_mid_transfer_hands_over_to_another_holder(
     join = head.head.tokens.join_token
     w1 = cli.spawn(
         "client", head.url, "--node-id", "w1", "--token", join, "--disk-dir", str(tmp_path / "w1disk"),
-        "--data-bandwidth", "20M", name="w1",
+        "--data-bandwidth", "20M", "--allow-file-root", str(tiny_repo_dir), name="w1",
     )  # fmt: skip
     reg = head.head.registry
     await wait_for(lambda: "w1" in reg.nodes and reg.nodes["w1"].connected, timeout=15)

@@ -22,7 +22,7 @@ import pytest
 
 from gswarm.client import GswarmClient
 from gswarm.head.app import HeadServer
-from tests.conftest import AgentRunner, free_port, running_hub, wait_for
+from tests.conftest import AgentRunner, free_port, listening_hosts, running_hub, wait_for
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -131,6 +131,7 @@ async def test_builtin_on_the_cpu_from_dram(
     assert (await client.download("tiny-llm", "hf://org/tiny-llm", "w1:dram", wait=True)).state == "succeeded"
     port = free_port()
     assert (await client.serve("tiny-llm", "w1:dram", port, wait=True)).state == "succeeded"
+    assert listening_hosts(port) == {"127.0.0.1"}  # not every interface unless the operator says so
     body = await _post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "fox", "max_tokens": 4})
     assert body["model"] == "tiny-llm" and body["usage"]["completion_tokens"] > 0
     assert (await client.stop_service("tiny-llm", "w1:dram", wait=True)).state == "succeeded"

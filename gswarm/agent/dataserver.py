@@ -61,26 +61,42 @@ class DataServer:
     def __init__(self, agent: Agent, port: int = 0, bandwidth: int | None = None) -> None:
         self.agent = agent
         self.port = port
+        self.host = ""
+        """The address it listens on ("" until it listens)."""
         self.bucket = TokenBucket(bandwidth) if bandwidth else None
         self._runner: web.AppRunner | None = None
         self.bytes_served = 0
 
-    async def start(self, host: str = "0.0.0.0") -> None:
-        """Listen (port 0 picks a free port)."""
+    async def start(self, host: str) -> None:
+        """Listen on `host` (port 0 picks a free port; a restart keeps the port it picked)."""
         app = web.Application(middlewares=[self._errors])
         app.router.add_get("/models/{model}/{tier}/manifest", self._manifest)
         app.router.add_get("/models/{model}/{tier}/files/{path:.+}", self._file)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, self.port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.host = host
+        self.port = int(runner.addresses[0][1])
+
+    async def listen(self, host: str) -> None:
+        """Listen on `host`, moving there if it listens elsewhere now (the agent reaches the head
+        from another address than before)."""
+        if self._runner is not None and host == self.host:
+            return
+        await self.stop()
+        await self.start(host)
 
     async def stop(self) -> None:
         """Stop listening."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self.host = ""
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: object) -> web.StreamResponse:

@@ -107,7 +107,7 @@ class Worker:
                 raise LookupError(f"{model} is not resident on {self.device}")
             lm, tokenizer = await asyncio.to_thread(build_model, req["dir"], self.models[model], self.device)
             server = BuiltinServer(model, lm, tokenizer, self.device)
-            await server.start(req.get("host", "0.0.0.0"), int(req["port"]))
+            await server.start(req.get("host", "127.0.0.1"), int(req["port"]))
             self.servers[sid] = server
             return {"serving": sid}
         if cmd == "unserve":

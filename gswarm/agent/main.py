@@ -6,20 +6,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from gswarm import PROTOCOL_VERSION, __version__
 from gswarm.agent import inventory as inventory_mod
 from gswarm.agent import serving as serving
 from gswarm.agent.dataserver import DataServer
 from gswarm.agent.executor import Executor, RunOp
+from gswarm.agent.file_roots import FileRoots
 from gswarm.agent.gpu import GpuPool, GpuProbe
 from gswarm.agent.handlers import run_op
 from gswarm.agent.session import AgentRefused, Session
 from gswarm.agent.stores import TierStore
-from gswarm.config import Settings
+from gswarm.config import Settings, default_state_dir
 from gswarm.devices import validate_node_id
+from gswarm.errors import GswarmError
 from gswarm.protocol import (
     Ack,
     Cancel,
@@ -35,7 +40,15 @@ from gswarm.protocol import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Agent", "AgentRefused"]
+__all__ = ["Agent", "AgentConfig", "AgentRefused"]
+
+
+class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The agent's config file (`--config`, YAML); an unknown key is an error, not ignored."""
+
+    serving: serving.ServingConfig = msgspec.field(default_factory=serving.ServingConfig)
+    allow_file_roots: list[str] = msgspec.field(default_factory=list)
+    """Directories `file://` downloads may read from (also `--allow-file-root`); none by default."""
 
 
 class Agent:
@@ -56,7 +69,14 @@ class Agent:
         data_bandwidth: int | None = None,
         serving_config: serving.ServingConfig | None = None,
         run_op: RunOp = run_op,
+        file_roots: Sequence[Path] = (),
+        private_dirs: Sequence[Path] = (),
     ) -> None:
+        """`data_host`: the address the data server listens on and peers are told; empty, the
+        local address of the socket to the head; a wildcard (0.0.0.0, ::), every interface, peers
+        being told the address the head is reached from. `file_roots`: where `file://` downloads
+        may read; `private_dirs`: more directories they never may (a head's state dir; the
+        tiers and the default head state dir always)."""
         self.node_id = validate_node_id(node_id)
         self.token = token
         self.settings = settings or Settings.from_env()
@@ -68,6 +88,10 @@ class Agent:
         self.instance_id = uuid.uuid4().hex
         self.data_url = ""
         self.data_host = data_host
+        self.reach_host = ""
+        """The address peers reach this node at (the data server's, in its URL)."""
+        self.file_roots = FileRoots(file_roots, [disk_dir, dram_dir, default_state_dir(), *private_dirs])
+        """Where `file://` downloads may read."""
         self.transfer_key = ""
         self.dataserver = DataServer(self, data_port, data_bandwidth) if data_port is not None else None
         log_dir = disk_dir / ".gswarm-logs"
@@ -112,10 +136,22 @@ class Agent:
         )
         return on_disk + self.gpu_pool.holdings()
 
+    async def _listen_for_peers(self, host: str) -> None:
+        assert self.dataserver is not None
+        try:
+            await self.dataserver.listen(host)
+        except OSError as exc:
+            raise GswarmError(
+                f"the data server cannot listen on {host}:{self.dataserver.port}: {exc.strerror or exc}",
+                code="data_server_failed",
+            ) from None
+
     async def _hello(self, local_host: str) -> Hello:
-        if self.dataserver is not None and self.dataserver.port:
-            host = self.data_host or local_host
-            self.data_url = f"http://{host}:{self.dataserver.port}"
+        listen = self.data_host or local_host
+        self.reach_host = local_host if listen in serving.WILDCARD_HOSTS else listen
+        if self.dataserver is not None:
+            await self._listen_for_peers(listen)
+            self.data_url = f"http://{serving.url_host(self.reach_host)}:{self.dataserver.port}"
         return Hello(
             node_id=self.node_id,
             token=self.token,
@@ -159,8 +195,8 @@ class Agent:
         """Run until cancelled (or refused by the head, which raises AgentRefused)."""
         for store in self.stores.values():
             await asyncio.to_thread(store.ensure)
-        if self.dataserver is not None:
-            await self.dataserver.start()
+        if self.dataserver is not None and self.data_host:
+            await self._listen_for_peers(self.data_host)  # a bad address fails now, not later
         self.executor.start()
         self._tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats")]
         try:

@@ -64,6 +64,9 @@ class ServingConfig(msgspec.Struct):
     """The `serving` part of the agent's config file."""
 
     templates: dict[str, Template] = msgspec.field(default_factory=dict)
+    host: str = "127.0.0.1"
+    """The address services listen on (also `--service-host`); 0.0.0.0 exposes them on every
+    interface, their URLs then naming the address the node is reached at."""
     max_restarts: int = 3
     health_interval: float = 5.0
     ready_timeout: float = 300.0
@@ -88,11 +91,22 @@ class Runtime:
     template: Template | None
     gpu: int | None
     log_path: Path
+    host: str = "127.0.0.1"
+    """The address it listens on."""
     proc: asyncio.subprocess.Process | None = None
     worker: WorkerHandle | None = None
     task: asyncio.Task[None] | None = None
     stopping: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+"""Listen addresses meaning every interface."""
+
+
+def url_host(host: str) -> str:
+    """A host as it goes into a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def port_free(port: int) -> bool:
@@ -158,7 +172,8 @@ class ServiceManager:
         model_dir: Path,
         host: str,
     ) -> Service:
-        """Start a service and wait until it answers its health check (or fails)."""
+        """Start a service listening on `host` (empty: the agent's own choice, 127.0.0.1 unless
+        its operator said otherwise) and wait until it answers its health check (or fails)."""
         sid = service_id(model, device)
         if sid in self.runtimes:
             rt = self.runtimes[sid]
@@ -184,18 +199,21 @@ class ServiceManager:
                     code="unknown_backend",
                 )
         dev = parse_device(device)
+        bind = host or self.config.host
+        shown = (self.agent.reach_host or "127.0.0.1") if bind in WILDCARD_HOSTS else bind
         svc = Service(
             service_id=sid,
             model=model,
             device=device,
             backend=backend,
             port=port,
-            url=f"http://{host}:{port}",
+            url=f"http://{url_host(shown)}:{port}",
             state="starting",
             config=config,
             started_at=time.time(),
         )
-        rt = Runtime(svc, model_dir, template, dev.gpu_index, self.log_dir / f"{sid.replace(':', '_')}.log")
+        log_path = self.log_dir / f"{sid.replace(':', '_')}.log"
+        rt = Runtime(svc, model_dir, template, dev.gpu_index, log_path, bind)
         self.runtimes[sid] = rt
         self._emit(rt)
         try:
@@ -223,7 +241,7 @@ class ServiceManager:
                 "model_path": str(rt.model_dir),
                 "port": str(svc.port),
                 "gpu": "" if rt.gpu is None else str(rt.gpu),
-                "host": "0.0.0.0",
+                "host": rt.host,
             }
             cmd = [part.format(**values) for part in rt.template.command]
             env = {**os.environ, **{k: v.format(**values) for k, v in rt.template.env.items()}}
@@ -248,7 +266,12 @@ class ServiceManager:
             files = await asyncio.to_thread(safetensors_files, rt.model_dir)
             await rt.worker.call("load", model=svc.model, dir=str(rt.model_dir), files=files)
         await rt.worker.call(
-            "serve", service=svc.service_id, model=svc.model, dir=str(rt.model_dir), port=svc.port
+            "serve",
+            service=svc.service_id,
+            model=svc.model,
+            dir=str(rt.model_dir),
+            host=rt.host,
+            port=svc.port,
         )
         svc.pid = rt.worker.pid
 
@@ -284,7 +307,8 @@ class ServiceManager:
     async def healthy(self, rt: Runtime) -> bool:
         """True when the service's health endpoint answers."""
         path = rt.template.health if rt.template is not None else "/health"
-        url = f"http://127.0.0.1:{rt.service.port}{path}"
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(rt.host, rt.host)
+        url = f"http://{url_host(host)}:{rt.service.port}{path}"
         try:
             async with aiohttp.ClientSession() as s, s.get(url, timeout=aiohttp.ClientTimeout(total=3)) as r:
                 return r.status < 500

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path, PurePosixPath
@@ -18,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import msgspec
 
 from gswarm.devices import MODEL_NAME_RE, validate_model_name
-from gswarm.errors import BadRequest, Conflict, InsufficientSpace
+from gswarm.errors import BadRequest, Conflict, GswarmError, InsufficientSpace
 from gswarm.protocol import Holding, TierInfo
 
 MANIFEST_NAME = ".gswarm-manifest.json"
@@ -103,8 +104,19 @@ class TierStore:
         return self.root / PARTIAL_DIR / validate_model_name(model, "model_name")
 
     def ensure(self) -> None:
-        """Create the tier's directories."""
-        (self.root / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
+        """Create the tier's directories (its root 0700). A root in a directory every user may
+        write to (/dev/shm, /tmp) must belong to this user: another could have made it first,
+        to read the weights or to plant links in it."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.stat(self.root.parent).st_mode & stat.S_IWOTH:
+            owner = os.lstat(self.root).st_uid
+            if owner != os.getuid():
+                raise GswarmError(
+                    f"the {self.name} tier directory {self.root} belongs to uid {owner}, not to this "
+                    "user: choose another directory",
+                    code="unsafe_tier_dir",
+                )
+        (self.root / PARTIAL_DIR).mkdir(exist_ok=True)
 
     def info(self) -> TierInfo:
         """Capacity and free space, the quota applied."""

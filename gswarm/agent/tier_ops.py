@@ -31,6 +31,7 @@ from gswarm.agent.fetch.hub import FetchPlan, RemoteFile, resolve_http, resolve_
 from gswarm.agent.fetch.local import copy_files, list_local
 from gswarm.agent.fetch.ranges import DOWNLOAD_PLAN, DOWNLOAD_STATE, RangeDownloader, write_plan
 from gswarm.agent.fetch.verify import VERIFY_WORKERS, hash_manifest, verify_files
+from gswarm.agent.file_roots import FileRoots
 from gswarm.agent.stores import Manifest, ManifestFile, TierStore, safe_relpath
 from gswarm.errors import BadRequest, Conflict, Forbidden, GswarmError, NotFound
 from gswarm.ops import (
@@ -282,7 +283,7 @@ async def _from_local(
     ctx: OpContext, store: TierStore, source: FileSource, partial: Path, cancel: threading.Event
 ) -> Manifest:
     root = Path(source.path)
-    base, files = await asyncio.to_thread(list_local, root)
+    base, files = await asyncio.to_thread(_list_allowed, ctx.agent.file_roots, source.path)
     total = sum(size for _, size in files)
     await asyncio.to_thread(store.discard_partial, partial.name)
     await asyncio.to_thread(store.check_space, total)
@@ -290,13 +291,26 @@ async def _from_local(
     _track(ctx, counter)
     ctx.progress(0, total, f"copying {len(files)} files from {root}")
     try:
-        await run_blocking(cancel, copy_files, base, partial, files, counter, cancel)
+        await run_blocking(
+            cancel, copy_files, base, partial, files, counter, cancel, 4, ctx.agent.file_roots.check_fd
+        )
         ctx.progress_source = None
         ctx.progress(total, total, "hashing")
         entries = await run_blocking(cancel, hash_manifest, partial, [rel for rel, _ in files], cancel)
     except Cancelled:
         raise asyncio.CancelledError from None
+    except Forbidden:
+        await asyncio.to_thread(store.discard_partial, partial.name)
+        raise
     return Manifest(model="", files=entries, source=f"file://{root}")
+
+
+def _list_allowed(roots: FileRoots, path: str) -> tuple[Path, list[tuple[str, int]]]:
+    """A `file://` source's files, each of them below a root this node allows (Forbidden else)."""
+    base, files = list_local(roots.check(path))
+    for rel, _ in files:
+        roots.check(str(base / rel))
+    return base, files
 
 
 async def copy(ctx: OpContext, args: CopyArgs) -> CopyResult:

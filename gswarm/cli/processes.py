@@ -12,7 +12,7 @@ import socket
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 import typer
@@ -31,6 +31,9 @@ from gswarm.config import (
 )
 from gswarm.errors import GswarmError
 from gswarm.sizes import parse_size
+
+if TYPE_CHECKING:
+    from gswarm.agent.main import AgentConfig
 
 T = TypeVar("T")
 
@@ -150,19 +153,49 @@ SimGpuOpt = Annotated[
 ]
 
 
-def _serving_config(path: Path | None) -> Any:
-    from gswarm.agent.serving import ServingConfig
+DataPortOpt = Annotated[int, typer.Option(help="Port of the data server peers fetch from (0: any).")]
+DataHostOpt = Annotated[
+    str,
+    typer.Option(
+        help="Address the data server listens on and peers are told (0.0.0.0: every interface) "
+        "[default: the one used to reach the head]"
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="Agent config (YAML): serving templates and host, allow_file_roots."),
+]
+FileRootOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--allow-file-root",
+        help="A directory file:// downloads may read from (repeatable; none by default).",
+    ),
+]
+ServiceHostOpt = Annotated[
+    str | None,
+    typer.Option(help="Address services listen on (0.0.0.0: every interface) [default: 127.0.0.1]"),
+]
 
-    if path is None:
-        return ServingConfig()
+
+def _agent_config(path: Path | None, service_host: str | None, file_roots: list[Path] | None) -> AgentConfig:
+    """The agent's config file (none: defaults), then what the command line adds or overrides."""
+    from gswarm.agent.main import AgentConfig
+
+    raw: Any = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise GswarmError(f"cannot read agent config {path}: {exc}") from None
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise GswarmError(f"cannot read agent config {path}: {exc}") from None
-    try:
-        return msgspec.convert(raw.get("serving") or {}, ServingConfig)
-    except (msgspec.ValidationError, AttributeError) as exc:
-        raise GswarmError(f"agent config {path}: serving: {exc}") from None
+        config = msgspec.convert(raw, AgentConfig)
+    except msgspec.ValidationError as exc:
+        raise GswarmError(f"agent config {path}: {exc}") from None
+    if service_host:
+        config.serving.host = service_host
+    config.allow_file_roots += [str(p) for p in file_roots or []]
+    return config
 
 
 @app.command("client")
@@ -173,11 +206,8 @@ def client_cmd(
     disk_dir: DiskDirOpt = None,
     dram_dir: DramDirOpt = None,
     simulate_gpus: SimGpuOpt = None,
-    data_port: Annotated[int, typer.Option(help="Port of the data server peers fetch from (0: any).")] = 0,
-    data_host: Annotated[
-        str,
-        typer.Option(help="Address peers reach the data server at [default: the one used to reach the head]"),
-    ] = "",
+    data_port: DataPortOpt = 0,
+    data_host: DataHostOpt = "",
     data_bandwidth: Annotated[
         str | None, typer.Option(help="Cap of the data server's uplink, e.g. 500M (bytes/s).")
     ] = None,
@@ -187,9 +217,9 @@ def client_cmd(
     dram_quota: Annotated[
         str | None, typer.Option(help="Most gswarm may store on the dram tier, e.g. 64G.")
     ] = None,
-    config_file: Annotated[
-        Path | None, typer.Option("--config", help="Agent config (YAML): serving templates, restart limits.")
-    ] = None,
+    config_file: ConfigOpt = None,
+    allow_file_root: FileRootOpt = None,
+    service_host: ServiceHostOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run an agent on this node, connected to the head."""
@@ -202,6 +232,7 @@ def client_cmd(
     async def main() -> None:
         try:
             quotas = {k: parse_size(v) for k, v in {"disk": disk_quota, "dram": dram_quota}.items() if v}
+            config = await asyncio.to_thread(_agent_config, config_file, service_host, allow_file_root)
             agent = Agent(
                 head_url,
                 nid,
@@ -214,7 +245,8 @@ def client_cmd(
                 data_port=data_port,
                 data_host=data_host,
                 data_bandwidth=parse_size(data_bandwidth) if data_bandwidth else None,
-                serving_config=_serving_config(config_file),
+                serving_config=config.serving,
+                file_roots=[Path(p) for p in config.allow_file_roots],
             )
         except ValueError as exc:
             raise GswarmError(str(exc)) from None
@@ -240,9 +272,15 @@ def up(
     disk_dir: DiskDirOpt = None,
     dram_dir: DramDirOpt = None,
     simulate_gpus: SimGpuOpt = None,
+    data_port: DataPortOpt = 0,
+    data_host: DataHostOpt = "",
+    config_file: ConfigOpt = None,
+    allow_file_root: FileRootOpt = None,
+    service_host: ServiceHostOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """A head and a local agent in one process: the whole system on one machine."""
+    """A head and a local agent in one process: the whole system on one machine. The agent
+    reads no file:// source unless given --allow-file-root (or allow_file_roots in --config)."""
     from gswarm.agent.main import Agent
     from gswarm.head.app import HeadServer
 
@@ -251,13 +289,27 @@ def up(
     settings = Settings.from_env()
 
     async def main() -> None:
+        config = await asyncio.to_thread(_agent_config, config_file, service_host, allow_file_root)
         server = HeadServer(state_dir or default_state_dir(), host, port, settings)
         try:
             await server.start()
         except OSError as exc:
             raise GswarmError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         try:
-            agent = Agent(server.url, nid, server.head.tokens.join_token, disk, dram, settings, simulate_gpus)
+            agent = Agent(
+                server.url,
+                nid,
+                server.head.tokens.join_token,
+                disk,
+                dram,
+                settings,
+                simulate_gpus,
+                data_port=data_port,
+                data_host=data_host,
+                serving_config=config.serving,
+                file_roots=[Path(p) for p in config.allow_file_roots],
+                private_dirs=[server.head.state_dir],
+            )
         except ValueError as exc:
             await server.stop()
             raise GswarmError(str(exc)) from None

@@ -116,14 +116,8 @@ async def submit_serve(head: Head, body: ServeBody) -> Submitted:
     existing = reg.services.get(sid)
     if existing is not None and existing.state not in ("failed", "stopped"):
         raise Conflict(f"{model} is already served on {dev} at {existing.url}", code="already_serving")
-    host = (
-        node.data_url.split("://")[-1].rsplit(":", 1)[0]
-        if node.data_url
-        else (node.addresses or ["127.0.0.1"])[0]
-    )
-    args = ServeArgs(
-        model_name=model, device=str(dev), port=body.port, backend=backend, config=body.config, host=host
-    )
+    # No host: the service listens where the node's operator said (127.0.0.1 by default).
+    args = ServeArgs(model_name=model, device=str(dev), port=body.port, backend=backend, config=body.config)
     op = await head.dispatcher.submit(dev.node, args, body.timeout)
     return Submitted(op)
 

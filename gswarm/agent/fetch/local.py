@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from gswarm.agent.fetch.common import ByteCounter, Cancelled, TransferError
@@ -52,9 +53,11 @@ def copy_files(
     counter: ByteCounter,
     cancel: threading.Event,
     workers: int = 4,
+    check_source: Callable[[int, str], None] | None = None,
 ) -> None:
     """Copy files (relative path, size) from `src` to `dst` with the kernel's copy path
-    (`copy_file_range`), large files split across worker threads."""
+    (`copy_file_range`), large files split across worker threads. `check_source` vets each
+    source file through its open descriptor (and raises to refuse it) before a byte is read."""
     dst.mkdir(parents=True, exist_ok=True)
     jobs: list[tuple[str, int, int]] = []
     for rel, size in files:
@@ -71,6 +74,8 @@ def copy_files(
         rel, off, length = job
         s = os.open(src / rel, os.O_RDONLY)
         try:
+            if check_source is not None:
+                check_source(s, str(src / rel))
             d = os.open(dst / rel, os.O_WRONLY)
             try:
                 _copy_range(s, d, off, length, counter, cancel)
