@@ -13,10 +13,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gswarm import PROTOCOL_VERSION, grants
 from gswarm.agent.identity import CREDENTIAL_FILE
 from gswarm.agent.main import Agent, AgentRefused
+from gswarm.agent.stores import MANIFEST_NAME
 from gswarm.client import GswarmClient
 from gswarm.config import Settings
 from gswarm.errors import Conflict, NotFound
@@ -46,6 +48,14 @@ async def _hello(head: HeadServer, **fields: Any) -> tuple[int | None, str, dict
 
 def _credential_file(agents: AgentRunner, node_id: str) -> Path:
     return agents.tmp_path / "nodes" / node_id / "disk" / CREDENTIAL_FILE
+
+
+def _plant_copy(disk: Path, model: str, data: bytes) -> None:
+    """A published copy on a node's disk, as a finished download leaves it."""
+    (disk / model).mkdir(parents=True)
+    (disk / model / "w.bin").write_bytes(data)
+    manifest = {"model": model, "files": [{"path": "w.bin", "size": len(data)}]}
+    (disk / model / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
 async def _offline(head: HeadServer, node_id: str) -> None:
@@ -117,23 +127,26 @@ async def test_join_token_cannot_take_over_an_enrolled_node(
 async def test_removed_node_loses_its_grants_and_its_agent(
     head: HeadServer, agents: AgentRunner, client: GswarmClient
 ) -> None:
+    _plant_copy(agents.tmp_path / "nodes" / "w1" / "disk", "m", b"weights")
     w1 = await agents.start(head, "w1")
+    assert ("m", "w1:disk") in head.head.registry.locations
     old_key = w1.transfer_key
     grant = grants.mint(old_key, "m", "w1", "w2", 600)
 
-    async def manifest_status(url: str, token: str) -> int:
+    async def fetch(url: str, token: str) -> tuple[int, bytes]:
         async with (
             aiohttp.ClientSession() as s,
-            s.get(url + "/models/m/disk/manifest", headers={"Authorization": f"Bearer {token}"}) as r,
+            s.get(url + "/models/m/disk/files/w.bin", headers={"Authorization": f"Bearer {token}"}) as r,
         ):
-            return r.status
+            return r.status, await r.read()
 
-    assert await manifest_status(w1.data_url, grant) == 404  # accepted; no such copy
+    assert await fetch(w1.data_url, grant) == (200, b"weights")
     with pytest.raises(Conflict) as exc:
         await client.remove_node("w1")
     assert exc.value.code == "node_online"
     removed = await client.remove_node("w1", force=True)
-    assert removed.node_id == "w1" and removed.was_online
+    assert removed.node_id == "w1" and removed.was_online and removed.locations == ["m@w1:disk"]
+    assert (await client.get_model("m")).locations == []
     task = agents.tasks.pop("w1")
     with pytest.raises(AgentRefused, match="removed"):
         await asyncio.wait_for(task, 15)
@@ -148,8 +161,9 @@ async def test_removed_node_loses_its_grants_and_its_agent(
     _credential_file(agents, "w1").unlink()
     w1 = await agents.start(head, "w1")
     assert w1.transfer_key != old_key
-    assert await manifest_status(w1.data_url, grant) == 403
-    assert await manifest_status(w1.data_url, grants.mint(w1.transfer_key, "m", "w1", "w2", 60)) == 404
+    status, body = await fetch(w1.data_url, grant)
+    assert status == 403 and b"weights" not in body
+    assert await fetch(w1.data_url, grants.mint(w1.transfer_key, "m", "w1", "w2", 60)) == (200, b"weights")
 
 
 async def test_removal_survives_a_head_restart(
@@ -243,3 +257,37 @@ async def test_nodes_from_before_credentials_enrol_once(
     finally:
         await agents.stop_all()
         await second.stop()
+
+
+async def test_removing_a_node_fails_its_open_ops(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient
+) -> None:
+    release = asyncio.Event()
+
+    async def stalls(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stalls)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        await agents.start(head, "w1")
+        op = await client.download("slow", f"http://127.0.0.1:{port}/w.bin", "w1:disk")
+        removed = await client.remove_node("w1", force=True)
+        assert removed.ops_failed == [op.op_id]
+        release.set()  # the agent, refused, ends its work and stops by itself
+        with pytest.raises(AgentRefused, match="removed"):
+            await asyncio.wait_for(agents.tasks.pop("w1"), 15)
+        final = await client.get_op(op.op_id)
+        assert final.state == "failed" and final.error is not None and final.error.code == "node_removed"
+        assert (await client.get_model("slow")).locations == []
+        assert [o.op_id for o in await client.list_ops(state="running")] == []
+    finally:
+        release.set()
+        await agents.stop_all()
+        await runner.cleanup()
