@@ -95,6 +95,7 @@ class AgentWorker:
         self.compression = compression
         self.counters = WorkerCounters()
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.credentials: dict[str, str] = {}  # what each node's Welcome issued (its reconnects need it)
 
     async def connect_many(self, ids: Sequence[str], concurrency: int, rate: float) -> dict[str, Any]:
         """Start agents at most `rate` per second, `concurrency` handshakes at a time; wait for all."""
@@ -156,6 +157,7 @@ class AgentWorker:
             hello = Hello(
                 node_id=node_id,
                 token=self.token,
+                credential=self.credentials.get(node_id, ""),
                 protocol_version=PROTOCOL_VERSION,
                 instance_id=uuid.uuid4().hex,
                 agent_version="bench",
@@ -165,6 +167,8 @@ class AgentWorker:
             welcome = head_message_decoder.decode(await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT))
             if not isinstance(welcome, Welcome):
                 raise BenchError(f"{node_id}: expected welcome, got {type(welcome).__name__}")
+            if welcome.credential:
+                self.credentials[node_id] = welcome.credential
             self.counters.connected += 1
             release(True)
             beat = asyncio.create_task(self._heartbeats(ws, inventory, welcome.heartbeat_interval))

@@ -37,6 +37,7 @@ from gswarm.protocol import (
     Job,
     ModelView,
     Node,
+    NodeRemoved,
     Notice,
     Service,
     subscriber_message_decoder,
@@ -198,6 +199,14 @@ class GswarmClient:
     async def get_node(self, node_id: str) -> Node:
         """One node."""
         return await self._get(f"/nodes/{quote(node_id, safe='')}", Node)
+
+    async def remove_node(self, node_id: str, force: bool = False) -> NodeRemoved:
+        """Forget a node and revoke its credential (its agent can no longer join as it, and
+        grants for its data server stop working). Refused while it is online unless `force`,
+        which disconnects its agent."""
+        params = {"force": "true"} if force else None
+        raw = await self.request("DELETE", f"/nodes/{quote(node_id, safe='')}", params=params)
+        return msgspec.json.decode(raw, type=NodeRemoved)
 
     async def probe(self, node_id: str, wait: bool = False) -> Op:
         """Ask a node's agent to re-read its inventory and holdings."""

@@ -4,9 +4,14 @@ model's files from another node's data server. No I/O.
 A grant reads `<base64url claims>.<base64url signature>`; the claims name the model, the node
 serving it, the node fetching it, and when the grant expires.
 
-Each data server checks grants with a key of its own, derived from the head's secret and its
-node id; the head gives each agent only that key. So an agent can check grants for its own data
-server, but cannot mint one that another node's data server would accept.
+Each data server checks grants with a key of its own, derived from the head's secret, its node
+id and the hash of the node's credential; the head gives each agent only that key. So an agent
+can check grants for its own data server, but cannot mint one that another node's data server
+would accept; and a node removed (its credential revoked) or enrolled afresh gets a new key, so
+the grants minted for its old one stop working.
+
+Node credentials: a random secret the head issues a node when it enrols (see
+`gswarm.head.agents`); the head keeps only `credential_hash` of it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 import time
 
 import msgspec
@@ -38,9 +44,22 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def node_key(secret: str, node_id: str) -> str:
-    """The key that node `node_id`'s data server checks grants with (hex)."""
-    return hmac.new(secret.encode(), f"gswarm data server {node_id}".encode(), hashlib.sha256).hexdigest()
+def new_credential() -> str:
+    """A fresh node credential (256 random bits)."""
+    return "gsw_node_" + secrets.token_urlsafe(32)
+
+
+def credential_hash(credential: str) -> str:
+    """What the head stores of a node credential (hex sha256: the secret is random, so a plain
+    hash cannot be reversed by guessing)."""
+    return hashlib.sha256(credential.encode()).hexdigest()
+
+
+def node_key(secret: str, node_id: str, cred_hash: str) -> str:
+    """The key that node `node_id`'s data server checks grants with (hex), bound to the node's
+    current credential (`cred_hash`, its `credential_hash`)."""
+    msg = f"gswarm data server {node_id} {cred_hash}".encode()
+    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
 
 
 def mint(key: str, model: str, source: str, target: str, ttl: float) -> str:

@@ -149,6 +149,19 @@ class Node(msgspec.Struct):
     legacy: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class NodeRemoved(msgspec.Struct):
+    """What `DELETE /nodes/{node_id}` forgot: the node, its credential, and what was on it."""
+
+    node_id: str
+    was_online: bool = False
+    """True when a forced removal closed the agent's socket."""
+    ops_failed: list[str] = msgspec.field(default_factory=list)
+    """Open ops of the node, failed with `node_removed`."""
+    locations: list[str] = msgspec.field(default_factory=list)
+    """Copies on the node's devices that the registry no longer lists (`model@node:tier`)."""
+    services: list[str] = msgspec.field(default_factory=list)
+
+
 class OpProgress(msgspec.Struct):
     """How far an op has come: units done of total (bytes where it moves bytes)."""
 
@@ -223,6 +236,9 @@ class Hello(msgspec.Struct, tag="hello", tag_field="type", omit_defaults=True):
     finished: list[str] = msgspec.field(default_factory=list)
     services: list[Service] = msgspec.field(default_factory=list)
     backends: list[str] = msgspec.field(default_factory=list)
+    credential: str = ""
+    """The node's own credential, issued in the `Welcome` that enrolled it; empty to enrol
+    (then `token` must be the join token)."""
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", omit_defaults=True):
@@ -289,6 +305,9 @@ class Welcome(msgspec.Struct, tag="welcome", tag_field="type"):
     server_time: float
     transfer_key: str = ""
     """The key this node's data server checks transfer grants with (its own, see grants.py)."""
+    credential: str = ""
+    """Only when this Hello enrolled the node: its credential, to keep and present in every
+    later Hello (the head keeps only a hash of it)."""
 
 
 class Command(msgspec.Struct, tag="command", tag_field="type", omit_defaults=True):

@@ -273,6 +273,22 @@ class Registry:
                 stale.append(node.node_id)
         return stale
 
+    def remove_node(self, node_id: str) -> tuple[list[str], list[str], list[Event]]:
+        """Forget a node with the copies and services recorded on it (its open ops must have
+        ended first); the location keys and service ids forgotten, and the events."""
+        node = self.get_node(node_id)
+        events: list[Event] = []
+        services = [s.service_id for s in self.node_services(node_id)]
+        for sid in services:
+            events.extend(self.remove_service(sid))
+        locations = []
+        for model, device in [k for k in self.locations if k[1].partition(":")[0] == node_id]:
+            locations.append(location_key(model, device))
+            events.extend(self.remove_location(model, device))
+        del self.nodes[node_id]
+        events.append(self._event("node.deleted", node_id, node))
+        return locations, services, events
+
     def legacy_register_node(
         self, node_id: str, hostname: str, ip_address: str, storage: dict[str, Any], gpus: int
     ) -> tuple[Node, list[Event]]:

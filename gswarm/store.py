@@ -5,11 +5,16 @@ loop never waits on the disk. An event's `data` holds the full entity, so persis
 means appending it to the log and upserting (or deleting) its entity row; several changes of
 one entity within a batch collapse into one row write. `op.progress` events update the op row
 but are not kept in the log: they are transient, and a long download would flood it.
+
+Node credentials are not registry entities and never travel in events: the table
+`node_credentials` holds the hash of each enrolled node's credential, written through the same
+writer thread by `put_credential`, which returns once the row is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import sqlite3
 import threading
@@ -53,6 +58,7 @@ CREATE TABLE IF NOT EXISTS services (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS jobs (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS job_actions (key TEXT PRIMARY KEY, body BLOB);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS node_credentials (key TEXT PRIMARY KEY, hash TEXT);
 """
 
 
@@ -68,6 +74,8 @@ class Snapshot:
     jobs: list[Job]
     last_seq: int
     recent_events: list[Event]
+    credentials: dict[str, str]
+    """Node id -> hash of the node's credential."""
 
 
 _STOP = object()
@@ -79,6 +87,20 @@ GROUP_COMMIT_SECONDS = 0.003
 class _Forget:
     table: str
     keys: list[str]
+
+
+@dataclass
+class _Credential:
+    node_id: str
+    digest: str | None  # None: revoke
+    done: concurrent.futures.Future[None]
+
+
+def _fail(done: concurrent.futures.Future[None], exc: BaseException) -> None:
+    try:
+        done.set_exception(RuntimeError(f"state store failed: {exc}"))
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def _assemble_jobs(jobs: list[Job], actions: list[JobAction]) -> list[Job]:
@@ -126,6 +148,7 @@ class Store:
             last_seq = max(row[0] or 0, int(meta[0]) if meta else 0)
             rows = conn.execute("SELECT body FROM events ORDER BY seq DESC LIMIT ?", (recent,)).fetchall()
             events = [event_decoder.decode(r[0]) for r in reversed(rows)]
+            credentials = dict(conn.execute("SELECT key, hash FROM node_credentials").fetchall())
         finally:
             conn.close()
         self._thread = threading.Thread(target=self._writer, name="gswarm-store", daemon=True)
@@ -139,6 +162,7 @@ class Store:
             jobs=_assemble_jobs(tables["jobs"], tables["job_actions"]),
             last_seq=last_seq,
             recent_events=events,
+            credentials=credentials,
         )
 
     # ------------------------------------------------------------ writes
@@ -147,6 +171,19 @@ class Store:
         """Queue the deletion of rows (pruned history); returns at once."""
         if keys:
             self._queue.put(_Forget(table, list(keys)))
+
+    async def put_credential(self, node_id: str, digest: str | None) -> None:
+        """Store the hash of a node's credential (None: delete it); returns once committed,
+        after every write queued before it."""
+        if self._error is not None:
+            raise RuntimeError(f"state store failed: {self._error}") from self._error
+        if self._thread is None:
+            raise RuntimeError("state store is not open")
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put(_Credential(node_id, digest, done))
+        if self._error is not None:  # the writer died after the check above: it may not see this
+            _fail(done, self._error)
+        await asyncio.wrap_future(done)
 
     def persist(self, events: Sequence[Event]) -> None:
         """Queue events for writing; returns at once."""
@@ -157,11 +194,13 @@ class Store:
 
     def _writer(self) -> None:
         conn = self._connect()
+        creds: list[_Credential] = []
         try:
             while True:
                 item = self._queue.get()
                 batch: list[Event] = []
                 forget: list[_Forget] = []
+                creds = []
                 stop = item is _STOP
                 if not stop:
                     time.sleep(GROUP_COMMIT_SECONDS)
@@ -170,6 +209,8 @@ class Store:
                         stop = True
                     elif isinstance(item, _Forget):
                         forget.append(item)
+                    elif isinstance(item, _Credential):
+                        creds.append(item)
                     elif item is not None:
                         batch.extend(item)
                     try:
@@ -180,10 +221,29 @@ class Store:
                     self._write(conn, batch)
                 for f in forget:
                     conn.executemany(f"DELETE FROM {f.table} WHERE key=?", [(k,) for k in f.keys])
+                while creds:
+                    c = creds[0]
+                    if c.digest is None:
+                        conn.execute("DELETE FROM node_credentials WHERE key=?", (c.node_id,))
+                    else:
+                        conn.execute(
+                            "INSERT OR REPLACE INTO node_credentials VALUES (?, ?)", (c.node_id, c.digest)
+                        )
+                    creds.pop(0).done.set_result(None)
                 if stop:
                     return
         except BaseException as exc:  # surfaced on the next persist()
             self._error = exc
+            # Nobody must wait forever on a credential write that will not happen.
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Credential):
+                    creds.append(item)
+            for c in creds:
+                _fail(c.done, exc)
         finally:
             conn.close()
 

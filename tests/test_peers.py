@@ -81,7 +81,7 @@ async def test_data_server_grants_and_paths(
     await _seed(client, tiny_repo_dir, "w1:disk")
     await _seed(client, tiny_repo_dir, "w1:disk", model="other")
     secret = head.head.tokens.transfer_key
-    key = grants.node_key(secret, "w1")
+    key = grants.node_key(secret, "w1", head.head.credentials["w1"])
     assert w1.transfer_key == key  # each agent gets only its own node's key
     base = w1.data_url + "/models/m/disk"
     good = grants.mint(key, "m", "w1", "w2", 60)
@@ -101,7 +101,10 @@ async def test_data_server_grants_and_paths(
         "other node": grants.mint(key, "m", "w9", "w2", 60),
         "wrong key": grants.mint("0" * 64, "m", "w1", "w2", 60),
         # What another agent holds: its own node's key, and the head's secret it never gets.
-        "another node's key": grants.mint(grants.node_key(secret, "w2"), "m", "w1", "w2", 60),
+        "another node's key": grants.mint(head.head.node_key("w2"), "m", "w1", "w2", 60),
+        "w1's key without its credential": grants.mint(
+            grants.node_key(secret, "w1", ""), "m", "w1", "w2", 60
+        ),
         "the head's secret": grants.mint(secret, "m", "w1", "w2", 60),
     }
     for why, token in bad_tokens.items():

@@ -20,6 +20,7 @@ from gswarm.agent.executor import Executor, RunOp
 from gswarm.agent.file_roots import FileRoots
 from gswarm.agent.gpu import GpuPool, GpuProbe
 from gswarm.agent.handlers import run_op
+from gswarm.agent.identity import CREDENTIAL_FILE, load_credential, save_credential
 from gswarm.agent.session import AgentRefused, Session
 from gswarm.agent.stores import TierStore
 from gswarm.config import Settings, default_state_dir
@@ -71,6 +72,7 @@ class Agent:
         run_op: RunOp = run_op,
         file_roots: Sequence[Path] = (),
         private_dirs: Sequence[Path] = (),
+        credential_file: Path | None = None,
     ) -> None:
         """`data_host`: the address the data server listens on and peers are told; empty, the
         local address of the socket to the head; a wildcard (0.0.0.0, ::), every interface, peers
@@ -79,6 +81,9 @@ class Agent:
         tiers and the default head state dir always)."""
         self.node_id = validate_node_id(node_id)
         self.token = token
+        """The join token: presented to enrol this node when it has no credential yet."""
+        self.credential_file = credential_file or disk_dir / CREDENTIAL_FILE
+        """Where this node's credential is kept (see `gswarm.agent.identity`)."""
         self.settings = settings or Settings.from_env()
         self.tiers = {"disk": disk_dir, "dram": dram_dir}
         self.stores = {
@@ -152,9 +157,11 @@ class Agent:
         if self.dataserver is not None:
             await self._listen_for_peers(listen)
             self.data_url = f"http://{serving.url_host(self.reach_host)}:{self.dataserver.port}"
+        credential = await asyncio.to_thread(load_credential, self.credential_file, self.node_id)
         return Hello(
             node_id=self.node_id,
-            token=self.token,
+            token="" if credential else self.token,
+            credential=credential,
             protocol_version=PROTOCOL_VERSION,
             instance_id=self.instance_id,
             agent_version=__version__,
@@ -167,7 +174,18 @@ class Agent:
             backends=self.services.backends,
         )
 
-    def _on_connected(self, welcome: Welcome) -> None:
+    async def _on_connected(self, welcome: Welcome) -> None:
+        if welcome.credential:
+            try:
+                await asyncio.to_thread(
+                    save_credential, self.credential_file, self.node_id, welcome.credential
+                )
+            except OSError as exc:
+                raise AgentRefused(
+                    f"cannot keep this node's credential in {self.credential_file}: {exc}; "
+                    f"remove the node on the head ('gswarm nodes remove {self.node_id}') and retry"
+                ) from None
+            log.info("node %s enrolled; its credential is in %s", self.node_id, self.credential_file)
         self.transfer_key = welcome.transfer_key
         self.executor.resend_outbox()
 

@@ -48,7 +48,7 @@ class Session:
         settings: Settings,
         make_hello: Callable[[str], Awaitable[Hello]],
         on_message: Callable[[HeadMessage], Awaitable[None]],
-        on_connected: Callable[[Welcome], None],
+        on_connected: Callable[[Welcome], Awaitable[None]],
     ) -> None:
         self.url = agent_socket_url(head_url)
         self._settings = settings
@@ -106,11 +106,11 @@ class Session:
             welcome = head_message_decoder.decode(raw)
             if not isinstance(welcome, Welcome):
                 raise ConnectionError(f"expected welcome, got {type(welcome).__name__}")
+            self._out = asyncio.Queue()
+            await self._on_connected(welcome)  # keeps a newly issued credential before all else
             self.connects += 1
             log.info("connected to head %s as %s", self.url, welcome.node_id)
-            self._out = asyncio.Queue()
             self.connected.set()
-            self._on_connected(welcome)
             writer = asyncio.create_task(self._write(ws, self._out))
             try:
                 await self._read(ws)

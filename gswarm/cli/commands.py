@@ -21,7 +21,7 @@ from gswarm.cli.processes import run
 from gswarm.cli.render import ago, finish_op, follow_op, health_line, human_size, print_json, print_op
 from gswarm.errors import GswarmError
 from gswarm.ops import HealthCheckResult, Op, ReplicateResult
-from gswarm.protocol import Event, ModelView, Node, Notice, Service
+from gswarm.protocol import Event, ModelView, Node, NodeRemoved, Notice, Service
 
 T = TypeVar("T")
 
@@ -124,9 +124,22 @@ def show(
     out.print(table)
 
 
-@app.command()
-def nodes(head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt = False) -> None:
-    """List nodes with their hardware and status."""
+nodes_app = typer.Typer(
+    name="nodes",
+    help="List nodes with their hardware and status ('nodes remove ID' forgets one).",
+    invoke_without_command=True,
+    add_completion=False,
+)
+app.add_typer(nodes_app)
+
+
+@nodes_app.callback()
+def nodes(
+    ctx: typer.Context, head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt = False
+) -> None:
+    """List nodes with their hardware and status ('nodes remove ID' forgets one)."""
+    if ctx.invoked_subcommand is not None:
+        return
     found: list[Node] = with_client(head_url, token, lambda c: c.list_nodes())
     if json_out:
         print_json(found)
@@ -155,6 +168,35 @@ def nodes(head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt = 
             gpus or "none",
         )
     out.print(table)
+
+
+@nodes_app.command("remove")
+def nodes_remove(
+    node_id: Annotated[str, typer.Argument(help="Node to forget")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Also when it is online: disconnect its agent.")
+    ] = False,
+    head_url: HeadUrl = None,
+    token: TokenOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Forget a node and revoke its credential.
+
+    Its agent can no longer join as it, and grants for its data server stop working. Its copies
+    and services leave the registry (the files stay on its disks). Refused while the node is
+    online, unless --force."""
+    done: NodeRemoved = with_client(head_url, token, lambda c: c.remove_node(node_id, force))
+    if json_out:
+        print_json(done)
+        return
+    what = [
+        f"{len(done.ops_failed)} open ops failed" if done.ops_failed else "",
+        f"{len(done.locations)} copies forgotten" if done.locations else "",
+        f"{len(done.services)} services forgotten" if done.services else "",
+        "its agent was disconnected" if done.was_online else "",
+    ]
+    details = ", ".join(w for w in what if w)
+    out.print(f"removed node {done.node_id}{f' ({details})' if details else ''}", highlight=False)
 
 
 @app.command()

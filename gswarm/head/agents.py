@@ -1,8 +1,15 @@
-"""The agent socket `/ws/agent`: handshake, the message loop, liveness.
+"""The agent socket `/ws/agent`: handshake, node identity, the message loop, liveness.
 
-An agent authenticates with its first message (`Hello`, carrying the join token); anything
-else, an invalid frame or a wrong token closes the socket with a 44xx code and a reason, and
-nothing else on the head is touched.
+An agent authenticates with its first message (`Hello`); anything else, an invalid frame or
+a refused identity closes the socket with a 44xx code and a reason, and nothing else on the
+head is touched.
+
+Node identity: the join token only enrols a node id that has no credential on this head (a
+new node, or one known from before credentials existed: `POST /nodes`, an older head). On
+enrolment the head issues the node its own credential (sent once, in `Welcome`; the head keeps
+only its hash) and every later Hello for that node id must present it: the join token alone is
+refused, so a stolen join token cannot take over an existing node. The api token never joins.
+The node's transfer key derives from its credential (`Head.node_key`).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ CLOSE_DUPLICATE = 4409
 CLOSE_INCOMPATIBLE = 4426
 CLOSE_REPLACED = 4000
 CLOSE_SHUTDOWN = 1001
+CLOSE_INTERNAL = 1011
 
 
 class AgentConnection:
@@ -147,13 +155,6 @@ class AgentHub:
         if not isinstance(hello, Hello):
             await _close(ws, CLOSE_UNAUTHORIZED, "unauthenticated: the first message must be hello")
             return None
-        tokens = self._head.tokens
-        if not any(
-            hmac.compare_digest(hello.token.encode(), t.encode())
-            for t in (tokens.join_token, tokens.api_token)
-        ):
-            await _close(ws, CLOSE_UNAUTHORIZED, "unauthorized: wrong join token")
-            return None
         if hello.protocol_version != PROTOCOL_VERSION:
             await _close(
                 ws,
@@ -166,7 +167,38 @@ class AgentHub:
             return None
         return hello
 
+    def _identify(self, hello: Hello) -> tuple[bool, str]:
+        """Whether the Hello may speak for its node id (and why not), without awaiting: the
+        enrolment that may follow reserves the node id before anything else can run."""
+        node_id = hello.node_id
+        stored = self._head.credentials.get(node_id)
+        if stored is not None:
+            if not hello.credential:
+                # What matters first: a close reason is cut at 120 bytes.
+                online = " and already online" if node_id in self._conns else ""
+                return False, (
+                    f"unauthorized: must present its credential: node {node_id} is enrolled{online} "
+                    "(a join token only enrols new nodes)"
+                )
+            if not hmac.compare_digest(grants.credential_hash(hello.credential), stored):
+                return False, f"unauthorized: wrong credential for node {node_id}"
+            return True, ""
+        if hello.credential:
+            return False, (
+                f"unauthorized: no credential on this head for node {node_id} (removed?): "
+                "delete the agent's credential file to enrol again"
+            )
+        if not hmac.compare_digest(hello.token.encode(), self._head.tokens.join_token.encode()):
+            return False, "unauthorized: wrong join token"
+        return True, ""
+
     async def _admit(self, ws: web.WebSocketResponse, hello: Hello, peer: str) -> AgentConnection | None:
+        head = self._head
+        ok, why = self._identify(hello)
+        if not ok:
+            log.warning("agent from %s refused as %s: %s", peer, hello.node_id, why)
+            await _close(ws, CLOSE_UNAUTHORIZED, why)
+            return None
         old = self._conns.get(hello.node_id)
         if old is not None and not old.ws.closed:
             if old.instance_id != hello.instance_id:
@@ -178,9 +210,14 @@ class AgentHub:
                 return None
             # The same agent process reconnecting: its old socket is dead, take over.
             await _close(old.ws, CLOSE_REPLACED, "replaced by a new connection of the same agent")
+        issued = ""
+        if hello.node_id not in head.credentials:
+            issued = await self._enrol(hello.node_id)
+            if not issued:
+                await _close(ws, CLOSE_INTERNAL, "the head could not enrol the node (see its log)")
+                return None
         conn = AgentConnection(hello.node_id, hello.instance_id, ws, peer)
         self._conns[hello.node_id] = conn
-        head = self._head
         head.commit(
             head.registry.node_connected(
                 hello.node_id,
@@ -198,12 +235,43 @@ class AgentHub:
                 node_id=hello.node_id,
                 heartbeat_interval=head.settings.heartbeat_interval,
                 server_time=time.time(),
-                transfer_key=grants.node_key(head.tokens.transfer_key, hello.node_id),
+                transfer_key=head.node_key(hello.node_id),
+                credential=issued,
             )
         )
-        log.info("agent %s connected from %s", hello.node_id, peer)
+        log.info("agent %s %s from %s", hello.node_id, "enrolled" if issued else "connected", peer)
         await head.dispatcher.agent_ready(hello.node_id, hello.running, hello.finished)
         return conn
+
+    async def _enrol(self, node_id: str) -> str:
+        """A new credential for the node, stored (its hash) before the Welcome carries it; ""
+        when the store failed. The node id is taken before the first await, so a second Hello
+        for it with the join token is refused meanwhile."""
+        credential = grants.new_credential()
+        digest = grants.credential_hash(credential)
+        self._head.credentials[node_id] = digest
+        try:
+            await self._head.store.put_credential(node_id, digest)
+        except (RuntimeError, OSError) as exc:
+            log.error("cannot store the credential of node %s: %s", node_id, exc)
+            if self._head.credentials.get(node_id) == digest:
+                del self._head.credentials[node_id]
+            return ""
+        if self._head.credentials.get(node_id) != digest:
+            return ""  # removed meanwhile
+        return credential
+
+    async def revoke(self, node_id: str, reason: str) -> bool:
+        """Forget a node's credential (persisted before this returns) and close its agent's
+        socket, which the agent takes as final; True when an agent was connected."""
+        self._head.credentials.pop(node_id, None)
+        await self._head.store.put_credential(node_id, None)
+        conn = self._conns.pop(node_id, None)
+        if conn is None:
+            return False
+        self._head.registry.node_disconnected(node_id)
+        await _close(conn.ws, CLOSE_UNAUTHORIZED, reason)
+        return True
 
     async def _loop(self, conn: AgentConnection) -> None:
         head = self._head
@@ -212,6 +280,8 @@ class AgentHub:
                 if msg.type == WSMsgType.BINARY:
                     await _close(conn.ws, CLOSE_BAD_MESSAGE, "binary frames are not spoken here")
                 break
+            if self._conns.get(conn.node_id) is not conn:
+                break  # replaced, or the node was removed: nothing more from this socket counts
             try:
                 decoded = agent_message_decoder.decode(msg.data)
             except msgspec.DecodeError as exc:

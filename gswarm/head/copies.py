@@ -109,7 +109,7 @@ def peer_sources(
             url=h.url,
             tier=h.tier,
             token=grants.mint(
-                grants.node_key(head.tokens.transfer_key, h.node_id),
+                head.node_key(h.node_id),
                 model,
                 h.node_id,
                 target_node,

@@ -12,7 +12,7 @@ from aiohttp import WSMsgType, web
 from gswarm import __version__
 from gswarm.api import RegisterModelBody, RegisterNodeBody
 from gswarm.devices import validate_model_name, validate_node_id
-from gswarm.errors import BadRequest
+from gswarm.errors import BadRequest, Conflict, NotFound
 from gswarm.head.dispatcher import Outcome
 from gswarm.head.events import Subscriber
 from gswarm.head.http import (
@@ -27,7 +27,7 @@ from gswarm.head.http import (
 )
 from gswarm.head.state import Head
 from gswarm.ops import Op, ProbeArgs, ProbeResult
-from gswarm.protocol import Event, Notice, encode
+from gswarm.protocol import Event, NodeRemoved, Notice, OpError, encode
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,48 @@ async def register_node(request: web.Request) -> web.Response:
     )
     head.commit(events)
     return json_response(node, status=201)
+
+
+async def forget_node(head: Head, node_id: str, force: bool) -> NodeRemoved:
+    """Forget a node and revoke its credential: its agent is refused from then on, and grants
+    minted for its data server stop working. Refused (409 `node_online`) while the node is
+    online unless `force`, which closes its agent's socket; its open ops fail (`node_removed`)
+    and the copies and services recorded on it are forgotten."""
+    reg = head.registry
+    if node_id not in reg.nodes and node_id not in head.credentials:
+        raise NotFound(f"node {node_id!r} is not known", code="node_not_found")
+    node = reg.nodes.get(node_id)
+    online = head.agents.get(node_id) is not None or (node is not None and node.status == "online")
+    if online and not force:
+        raise Conflict(
+            f"node {node_id!r} is online: stop its agent first, or pass force=true to disconnect it",
+            code="node_online",
+            details={"node_id": node_id},
+        )
+    was_online = await head.agents.revoke(node_id, f"node {node_id} was removed from this head")
+    error = OpError(code="node_removed", message=f"node {node_id} was removed")
+    ops = reg.open_ops(node_id)
+    for op in ops:
+        head.dispatcher.finish(op, Outcome(error=error))
+    locations: list[str] = []
+    services: list[str] = []
+    if node_id in reg.nodes:
+        locations, services, events = reg.remove_node(node_id)
+        head.commit(events)
+    log.info("node %s removed (%d open ops failed)", node_id, len(ops))
+    return NodeRemoved(
+        node_id=node_id,
+        was_online=was_online,
+        ops_failed=[op.op_id for op in ops],
+        locations=locations,
+        services=services,
+    )
+
+
+async def remove_node(request: web.Request) -> web.Response:
+    """`DELETE /nodes/{node_id}?force=`: forget a node and revoke its credential."""
+    node_id = validate_node_id(request.match_info["node_id"])
+    return json_response(await forget_node(head_of(request), node_id, query_flag(request, "force")))
 
 
 async def node_heartbeat(request: web.Request) -> web.Response:
@@ -269,6 +311,7 @@ def setup(app: web.Application) -> None:
     r.add_get("/nodes", list_nodes)
     r.add_post("/nodes", register_node)
     r.add_get("/nodes/{node_id}", get_node)
+    r.add_delete("/nodes/{node_id}", remove_node)
     r.add_post("/nodes/{node_id}/heartbeat", node_heartbeat)
     r.add_post("/nodes/{node_id}/probe", probe_node)
     r.add_get("/ops", list_ops)

@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from gswarm import grants
 from gswarm.config import TOKENS_FILE, Settings, Tokens
 from gswarm.head.agents import AgentHub
 from gswarm.head.dispatcher import Dispatcher, ResultHook
@@ -66,6 +67,10 @@ class Head:
         self.agents = AgentHub(self)
         self.dispatcher = Dispatcher(self, result_hooks or {})
         self.tokens = Tokens(api_token="", join_token="")
+        self.credentials: dict[str, str] = {}
+        """Node id -> hash of the node's credential (`grants.credential_hash`). Kept in the
+        store's `node_credentials` table, never in an entity or an event; changed only by the
+        agent socket's handshake (enrolment) and by removing a node."""
         self.started_at = time.time()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -75,6 +80,7 @@ class Head:
         """Read state back and start the background sweeper."""
         self.tokens = await asyncio.to_thread(load_or_create_tokens, self.state_dir)
         snap = await asyncio.to_thread(self.store.open_and_load, self.settings.event_ring)
+        self.credentials = snap.credentials
         self.registry.load(
             snap.models, snap.nodes, snap.locations, snap.ops, snap.last_seq, snap.services, snap.jobs
         )
@@ -137,6 +143,11 @@ class Head:
         pruned = self.registry.prune_ops(self.settings.ops_kept)
         if pruned:
             self.store.forget("ops", pruned)
+
+    def node_key(self, node_id: str) -> str:
+        """The key node `node_id`'s data server checks grants with: bound to its current
+        credential, so grants minted before it was removed or enrolled afresh stop working."""
+        return grants.node_key(self.tokens.transfer_key, node_id, self.credentials.get(node_id, ""))
 
     def log_warning(self, message: str) -> None:
         """A warning in the head's log."""
