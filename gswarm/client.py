@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
@@ -42,6 +43,7 @@ from gswarm.protocol import (
     Service,
     subscriber_message_decoder,
 )
+from gswarm.tls import client_context
 
 T = TypeVar("T")
 
@@ -86,10 +88,18 @@ class _EventPage(msgspec.Struct):
 class GswarmClient:
     """Async client of one head."""
 
-    def __init__(self, head_url: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        head_url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30.0,
+        ca: Path | str | None = None,
+    ) -> None:
+        """`ca`: a PEM file of a private CA to trust for an https head (else `$GSWARM_CA`)."""
         self.head_url = resolve_head_url(head_url)
         self.token = resolve_token(token)
         self.timeout = timeout
+        self._ca = ca
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> GswarmClient:
@@ -109,7 +119,9 @@ class GswarmClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers())
+            ssl = client_context(self._ca) if self.head_url.startswith("https://") else None
+            connector = aiohttp.TCPConnector(ssl=ssl) if ssl is not None else None
+            self._session = aiohttp.ClientSession(headers=self._headers(), connector=connector)
         return self._session
 
     async def request(
@@ -145,6 +157,12 @@ class GswarmClient:
                         payload = raw.decode(errors="replace")
                     raise from_payload(resp.status, payload)
                 return raw
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise HeadUnreachable(
+                f"the head at {self.head_url} presented a certificate this client does not trust ({exc}); "
+                "pass the CA that signed it with --ca or $GSWARM_CA",
+                code="untrusted_certificate",
+            ) from None
         except aiohttp.ClientConnectionError as exc:
             raise HeadUnreachable(f"cannot reach the head at {self.head_url}: {exc}") from None
         except TimeoutError:
@@ -453,6 +471,12 @@ class GswarmClient:
             )
         except aiohttp.WSServerHandshakeError as exc:
             raise from_payload(exc.status, {"error": {"message": exc.message}}) from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise HeadUnreachable(
+                f"the head at {self.head_url} presented a certificate this client does not trust ({exc}); "
+                "pass the CA that signed it with --ca or $GSWARM_CA",
+                code="untrusted_certificate",
+            ) from None
         except aiohttp.ClientConnectionError as exc:
             raise HeadUnreachable(f"cannot reach the head at {self.head_url}: {exc}") from None
         try:

@@ -73,6 +73,7 @@ class Agent:
         file_roots: Sequence[Path] = (),
         private_dirs: Sequence[Path] = (),
         credential_file: Path | None = None,
+        ca: Path | None = None,
     ) -> None:
         """`data_host`: the address the data server listens on and peers are told; empty, the
         local address of the socket to the head; a wildcard (0.0.0.0, ::), every interface, peers
@@ -104,7 +105,9 @@ class Agent:
         self.services = serving.ServiceManager(self, serving_config or serving.ServingConfig(), log_dir)
         self.executor = Executor(self, self.send, self.settings.progress_interval, run_op)
         """Runs ops through `run_op`: the handler table (an embedding program may wrap it)."""
-        self.session = Session(head_url, self.settings, self._hello, self._on_message, self._on_connected)
+        self.session = Session(
+            head_url, self.settings, self._hello, self._on_message, self._on_connected, ca=ca
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
 

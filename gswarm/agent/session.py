@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
@@ -16,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from gswarm.config import Settings
 from gswarm.errors import GswarmError
 from gswarm.protocol import AgentMessage, HeadMessage, Hello, Welcome, encode, head_message_decoder
+from gswarm.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,10 @@ class Session:
         make_hello: Callable[[str], Awaitable[Hello]],
         on_message: Callable[[HeadMessage], Awaitable[None]],
         on_connected: Callable[[Welcome], Awaitable[None]],
+        ca: Path | None = None,
     ) -> None:
         self.url = agent_socket_url(head_url)
+        self._ssl = client_context(ca) if self.url.startswith("wss://") else None
         self._settings = settings
         self._make_hello = make_hello
         self._on_message = on_message
@@ -73,6 +78,11 @@ class Session:
                 backoff = self._settings.reconnect_min
             except AgentRefused:
                 raise
+            except ssl.SSLCertVerificationError as exc:
+                raise AgentRefused(
+                    f"the head at {self.url} presented a certificate this agent does not trust "
+                    f"({exc.verify_message}); pass the CA that signed it with --ca or $GSWARM_CA"
+                ) from None
             except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
                 log.warning("head at %s unreachable: %s", self.url, exc or type(exc).__name__)
             except InvalidURI as exc:
@@ -94,6 +104,7 @@ class Session:
             close_timeout=2,
             max_size=s.max_ws_message_bytes,
             compression=None,
+            ssl=self._ssl,
         ) as ws:
             local = ws.local_address
             hello = await self._make_hello(str(local[0]) if local else "127.0.0.1")

@@ -102,6 +102,27 @@ async def _run_agent_task(agent_task: asyncio.Task[None]) -> None:
         pass
 
 
+TlsCertOpt = Annotated[
+    Path | None,
+    typer.Option("--tls-cert", envvar="GSWARM_TLS_CERT", help="Serve https/wss with this certificate (PEM)."),
+]
+TlsKeyOpt = Annotated[
+    Path | None,
+    typer.Option("--tls-key", envvar="GSWARM_TLS_KEY", help="The private key of --tls-cert (PEM)."),
+]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca", envvar="GSWARM_CA", help="Trust this CA (PEM) for an https head, besides the system's."
+    ),
+]
+
+
+def _tls_pair(cert: Path | None, key: Path | None) -> None:
+    if (cert is None) != (key is None):
+        fail("give both --tls-cert and --tls-key, or neither", 2)
+
+
 @app.command()
 def head(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
@@ -110,16 +131,19 @@ def head(
     offline_after: Annotated[
         float | None, typer.Option(help="Seconds of silence before a node is offline [15].")
     ] = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Start the head server (REST API, agent and event sockets, registry)."""
     from gswarm.head.app import HeadServer
 
     _setup_logging(verbose)
+    _tls_pair(tls_cert, tls_key)
     settings = Settings.from_env(offline_after=offline_after)
 
     async def main() -> None:
-        server = HeadServer(state_dir or default_state_dir(), host, port, settings)
+        server = HeadServer(state_dir or default_state_dir(), host, port, settings, tls_cert, tls_key)
         try:
             await server.start()
         except OSError as exc:
@@ -220,6 +244,7 @@ def client_cmd(
     config_file: ConfigOpt = None,
     allow_file_root: FileRootOpt = None,
     service_host: ServiceHostOpt = None,
+    ca: CaOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run an agent on this node, connected to the head."""
@@ -247,6 +272,7 @@ def client_cmd(
                 data_bandwidth=parse_size(data_bandwidth) if data_bandwidth else None,
                 serving_config=config.serving,
                 file_roots=[Path(p) for p in config.allow_file_roots],
+                ca=ca,
             )
         except ValueError as exc:
             raise GswarmError(str(exc)) from None
@@ -277,6 +303,9 @@ def up(
     config_file: ConfigOpt = None,
     allow_file_root: FileRootOpt = None,
     service_host: ServiceHostOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    ca: CaOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """A head and a local agent in one process: the whole system on one machine. The agent
@@ -286,11 +315,12 @@ def up(
 
     _setup_logging(verbose)
     nid, disk, dram = _agent_options(node_id, disk_dir, dram_dir)
+    _tls_pair(tls_cert, tls_key)
     settings = Settings.from_env()
 
     async def main() -> None:
         config = await asyncio.to_thread(_agent_config, config_file, service_host, allow_file_root)
-        server = HeadServer(state_dir or default_state_dir(), host, port, settings)
+        server = HeadServer(state_dir or default_state_dir(), host, port, settings, tls_cert, tls_key)
         try:
             await server.start()
         except OSError as exc:
@@ -309,6 +339,7 @@ def up(
                 serving_config=config.serving,
                 file_roots=[Path(p) for p in config.allow_file_roots],
                 private_dirs=[server.head.state_dir],
+                ca=ca,
             )
         except ValueError as exc:
             await server.stop()

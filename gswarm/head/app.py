@@ -12,6 +12,7 @@ from gswarm.config import Settings
 from gswarm.head import jobs, replication, routes, services, transfers
 from gswarm.head.results import RESULT_HOOKS
 from gswarm.head.state import HEAD_KEY, Head
+from gswarm.tls import server_context
 
 
 def create_app(head: Head) -> web.Application:
@@ -48,23 +49,28 @@ class HeadServer:
         host: str = "0.0.0.0",
         port: int = 8100,
         settings: Settings | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
     ) -> None:
+        """With `tls_cert` and `tls_key` the head serves https and wss only."""
         self.head = Head(state_dir, settings or Settings.from_env(), RESULT_HOOKS)
         self.host = host
         self.port = port
+        self._ssl = server_context(tls_cert, tls_key) if tls_cert and tls_key else None
         self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         """Base URL to reach this head from the same machine."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self._ssl is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     async def start(self) -> str:
         """Start listening; returns the URL."""
         self._runner = web.AppRunner(create_app(self.head), access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl)
         await site.start()
         server = site._server
         if self.port == 0 and server is not None:
