@@ -13,7 +13,7 @@ import trustme
 from gswarm.agent.main import AgentRefused
 from gswarm.client import GswarmClient, HeadUnreachable
 from gswarm.head.app import HeadServer
-from tests.conftest import AgentRunner, Cli, wait_for, wait_until
+from tests.conftest import AgentRunner, Cli, tree_bytes, wait_for, wait_until
 
 
 @pytest.fixture
@@ -108,3 +108,26 @@ def test_head_process_serves_tls_and_an_agent_process_joins(
         return '"online"' in r.stdout
 
     wait_until(online, timeout=20)
+
+
+async def test_data_servers_serve_peers_over_tls(
+    head: HeadServer,
+    agents: AgentRunner,
+    client: GswarmClient,
+    tiny_repo_dir: Path,
+    ca: tuple[trustme.CA, Path, Path, Path],
+) -> None:
+    """Model bytes between nodes over https, verified against the private CA; a node that does
+    not trust the CA cannot fetch."""
+    _, ca_pem, cert, key = ca
+    w1 = await agents.start(head, "w1", ca=ca_pem, data_tls=(cert, key))
+    await agents.start(head, "w2", ca=ca_pem)
+    await agents.start(head, "w3")  # trusts only the system's CAs
+    assert w1.data_url.startswith("https://127.0.0.1:")
+    await client.download("m", f"file://{tiny_repo_dir}", "w1:disk", wait=True)
+    refused = await client.copy("m", "w1:disk", "w3:disk", wait=True)
+    assert refused.state == "failed" and refused.error is not None
+    assert "CERTIFICATE_VERIFY_FAILED" in refused.error.message, refused.error.message
+    copied = await client.copy("m", "w1:disk", "w2:disk", wait=True)
+    assert copied.state == "succeeded", copied.error
+    assert tree_bytes(agents.agents["w2"].stores["disk"].model_dir("m")) == tree_bytes(tiny_repo_dir)

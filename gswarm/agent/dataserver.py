@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from typing import TYPE_CHECKING
 
@@ -58,8 +59,12 @@ class TokenBucket:
 class DataServer:
     """Serves this node's published copies to peers holding a transfer grant."""
 
-    def __init__(self, agent: Agent, port: int = 0, bandwidth: int | None = None) -> None:
+    def __init__(
+        self, agent: Agent, port: int = 0, bandwidth: int | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """With `tls` (a server context) it serves https only."""
         self.agent = agent
+        self.tls = tls
         self.port = port
         self.host = ""
         """The address it listens on ("" until it listens)."""
@@ -75,7 +80,7 @@ class DataServer:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, self.port).start()
+            await web.TCPSite(runner, host, self.port, ssl_context=self.tls).start()
         except BaseException:
             await runner.cleanup()
             raise
@@ -186,7 +191,8 @@ class DataServer:
             resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
-        transport = request.transport
+        # sendfile needs the plain socket; under TLS the bytes go through the encrypting transport.
+        transport = request.transport if self.tls is None else None
         fh = await asyncio.to_thread(open, path, "rb")
         try:
             pos = start

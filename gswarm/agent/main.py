@@ -38,6 +38,7 @@ from gswarm.protocol import (
     Inventory,
     Welcome,
 )
+from gswarm.tls import client_context, server_context
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Agent:
         private_dirs: Sequence[Path] = (),
         credential_file: Path | None = None,
         ca: Path | None = None,
+        data_tls: tuple[Path, Path] | None = None,
     ) -> None:
         """`data_host`: the address the data server listens on and peers are told; empty, the
         local address of the socket to the head; a wildcard (0.0.0.0, ::), every interface, peers
@@ -99,7 +101,12 @@ class Agent:
         self.file_roots = FileRoots(file_roots, [disk_dir, dram_dir, default_state_dir(), *private_dirs])
         """Where `file://` downloads may read."""
         self.transfer_key = ""
-        self.dataserver = DataServer(self, data_port, data_bandwidth) if data_port is not None else None
+        self.tls = client_context(ca)
+        """What https connections (the head's socket aside) verify against: system CAs plus `ca`."""
+        server_tls = server_context(*data_tls) if data_tls is not None else None
+        self.dataserver = (
+            DataServer(self, data_port, data_bandwidth, server_tls) if data_port is not None else None
+        )
         log_dir = disk_dir / ".gswarm-logs"
         self.gpu_pool = GpuPool(self.gpus, log_dir, self._gpu_lost)
         self.services = serving.ServiceManager(self, serving_config or serving.ServingConfig(), log_dir)
@@ -159,7 +166,8 @@ class Agent:
         self.reach_host = local_host if listen in serving.WILDCARD_HOSTS else listen
         if self.dataserver is not None:
             await self._listen_for_peers(listen)
-            self.data_url = f"http://{serving.url_host(self.reach_host)}:{self.dataserver.port}"
+            scheme = "https" if self.dataserver.tls is not None else "http"
+            self.data_url = f"{scheme}://{serving.url_host(self.reach_host)}:{self.dataserver.port}"
         credential = await asyncio.to_thread(load_credential, self.credential_file, self.node_id)
         return Hello(
             node_id=self.node_id,

@@ -183,7 +183,7 @@ async def _from_peers(
         base = f"{peer.url.rstrip('/')}/models/{quote(model)}/{peer.tier}"
         try:
             ctx.progress(ctx.done, ctx.total, f"asking {peer.node_id} for its manifest")
-            raw = await run_blocking(cancel, fetch_json, f"{base}/manifest", headers)
+            raw = await run_blocking(cancel, fetch_json, f"{base}/manifest", headers, 15.0, ctx.agent.tls)
             remote = msgspec.convert(raw, Manifest)
             files = [
                 RemoteFile(
@@ -197,7 +197,7 @@ async def _from_peers(
             ]
             counter = ByteCounter()
             downloader = await asyncio.to_thread(
-                RangeDownloader, partial, headers, counter, cancel, limit=limit
+                RangeDownloader, partial, headers, counter, cancel, limit=limit, tls=ctx.agent.tls
             )
             have = downloader.already_done(files)
             await asyncio.to_thread(store.check_space, remote.size - have)
@@ -242,7 +242,9 @@ async def _from_remote(
     else:
         plan = resolve_http(source)
     counter = ByteCounter()
-    downloader = await asyncio.to_thread(RangeDownloader, partial, plan.headers, counter, cancel, limit=limit)
+    downloader = await asyncio.to_thread(
+        RangeDownloader, partial, plan.headers, counter, cancel, limit=limit, tls=ctx.agent.tls
+    )
     have = downloader.already_done(plan.files)
     if plan.total:
         await asyncio.to_thread(store.check_space, plan.total - have)

@@ -118,9 +118,18 @@ CaOpt = Annotated[
 ]
 
 
-def _tls_pair(cert: Path | None, key: Path | None) -> None:
+DataTlsCertOpt = Annotated[
+    Path | None,
+    typer.Option("--data-tls-cert", help="Serve peers over https with this certificate (PEM)."),
+]
+DataTlsKeyOpt = Annotated[
+    Path | None, typer.Option("--data-tls-key", help="The key of --data-tls-cert (PEM).")
+]
+
+
+def _tls_pair(cert: Path | None, key: Path | None, what: str = "--tls-cert and --tls-key") -> None:
     if (cert is None) != (key is None):
-        fail("give both --tls-cert and --tls-key, or neither", 2)
+        fail(f"give both {what}, or neither", 2)
 
 
 @app.command()
@@ -245,12 +254,16 @@ def client_cmd(
     allow_file_root: FileRootOpt = None,
     service_host: ServiceHostOpt = None,
     ca: CaOpt = None,
+    data_tls_cert: DataTlsCertOpt = None,
+    data_tls_key: DataTlsKeyOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run an agent on this node, connected to the head."""
     from gswarm.agent.main import Agent
 
     _setup_logging(verbose)
+    _tls_pair(data_tls_cert, data_tls_key, "--data-tls-cert and --data-tls-key")
+    data_tls = (data_tls_cert, data_tls_key) if data_tls_cert and data_tls_key else None
     nid, disk, dram = _agent_options(node_id, disk_dir, dram_dir)
     join = _agent_token(token)
 
@@ -273,6 +286,7 @@ def client_cmd(
                 serving_config=config.serving,
                 file_roots=[Path(p) for p in config.allow_file_roots],
                 ca=ca,
+                data_tls=data_tls,
             )
         except ValueError as exc:
             raise GswarmError(str(exc)) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -16,8 +17,10 @@ from gswarm.errors import GswarmError, NotFound
 class Connections:
     """One keep-alive HTTP connection per worker thread and host."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: the client context for https (None: the system's CAs)."""
         self.timeout = timeout
+        self.tls = tls
         self._conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
 
     def get(self, url: str) -> tuple[http.client.HTTPConnection, str]:
@@ -29,8 +32,10 @@ class Connections:
         key = (scheme, host, port)
         conn = self._conns.get(key)
         if conn is None:
-            cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-            conn = cls(host, port, timeout=self.timeout)
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self.tls)
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
             self._conns[key] = conn
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         return conn, path
@@ -93,9 +98,11 @@ def content_range_end(header: str | None) -> int | None:
         return None
 
 
-def fetch_json(url: str, headers: dict[str, str], timeout: float = 15.0) -> Any:
+def fetch_json(
+    url: str, headers: dict[str, str], timeout: float = 15.0, tls: ssl.SSLContext | None = None
+) -> Any:
     """GET a small JSON document (blocking); TransferError/NotFound/Forbidden on failure."""
-    conns = Connections(timeout)
+    conns = Connections(timeout, tls)
     try:
         conn, path = conns.get(url)
         conn.request("GET", path, headers=headers)

@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import json
 import os
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -250,8 +251,10 @@ class RangeDownloader:
         chunk: int = CHUNK_BYTES,
         timeout: float = 30.0,
         limit: RateLimit | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.dest = dest
+        self.tls = tls
         self.headers = headers
         self.counter = counter
         self.cancel = cancel
@@ -307,7 +310,7 @@ class RangeDownloader:
         errors: list[BaseException] = []
 
         def worker() -> None:
-            conns = Connections(self.timeout)
+            conns = Connections(self.timeout, self.tls)
             buf = bytearray(READ_BYTES)
             fds: dict[str, int] = {}
             own: _FileWork | None = None
@@ -374,7 +377,7 @@ class RangeDownloader:
             time.sleep(0.005)
 
     def _probe_size(self, f: RemoteFile) -> None:
-        conns = Connections(self.timeout)
+        conns = Connections(self.timeout, self.tls)
         try:
             resp, _ = request(conns, f.url, {**self.headers, "Accept-Encoding": "identity"}, "HEAD")
             resp.read()
