@@ -10,13 +10,15 @@ from aiohttp import web
 
 from gswarm.config import Settings
 from gswarm.head import jobs, replication, routes, services, transfers
+from gswarm.head.http import JsonErrorAppRunner
 from gswarm.head.results import RESULT_HOOKS
 from gswarm.head.state import HEAD_KEY, Head
 
 
 def create_app(head: Head) -> web.Application:
     """The aiohttp application of a head."""
-    app = web.Application(client_max_size=head.settings.max_body_bytes)
+    # Routes read their bodies with their own limits (`http.read_body`); this is the largest.
+    app = web.Application(client_max_size=max(head.settings.max_body_bytes, head.settings.max_job_bytes))
     app[HEAD_KEY] = head
     routes.setup(app)
     app.router.add_get("/ws/agent", head.agents.handle)
@@ -52,7 +54,7 @@ class HeadServer:
         self.head = Head(state_dir, settings or Settings.from_env(), RESULT_HOOKS)
         self.host = host
         self.port = port
-        self._runner: web.AppRunner | None = None
+        self._runner: JsonErrorAppRunner | None = None
 
     @property
     def url(self) -> str:
@@ -62,7 +64,7 @@ class HeadServer:
 
     async def start(self) -> str:
         """Start listening; returns the URL."""
-        self._runner = web.AppRunner(create_app(self.head), access_log=None, shutdown_timeout=5.0)
+        self._runner = JsonErrorAppRunner(create_app(self.head), access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
