@@ -15,6 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gswarm import PROTOCOL_VERSION
 from gswarm.errors import InvalidWorkflow
 from gswarm.head.app import HeadServer
 from gswarm.workflow import ACTIONS, parse
@@ -323,3 +324,105 @@ async def test_query_strings_never_5xx(head: HeadServer, path: str, params: dict
 
 def teardown_module() -> None:
     print("\ninputs tried:", dict(TRIED))
+
+
+HOLDINGS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "model": NAMES,
+            "tier": st.sampled_from(["disk", "dram", "gpu0", "floppy", ""]) | NAMES,
+            "path": st.text(max_size=20),
+            "size": EDGE_INTS,
+        },
+        optional={"files": EDGE_INTS, "source": SOURCES},
+    ),
+    max_size=3,
+)
+SERVICES = st.lists(
+    st.fixed_dictionaries(
+        {
+            "service_id": st.text(max_size=10),
+            "model": NAMES,
+            "device": DEVICES | st.just("n1:gpu0"),
+            "backend": st.text(max_size=10),
+            "port": EDGE_INTS,
+        },
+        optional={"state": st.text(max_size=10), "config": JSON, "pid": EDGE_INTS},
+    ),
+    max_size=2,
+)
+
+
+@st.composite
+def agent_frames(draw: st.DrawFn) -> list[Any]:
+    """A Hello with hostile holdings, services and inventory, then a few hostile messages."""
+    hello: dict[str, Any] = {
+        "type": "hello",
+        "node_id": draw(st.just("n1") | NAMES),
+        "protocol_version": draw(st.sampled_from([None, None, None]) | EDGE_INTS),
+        "instance_id": draw(st.text(max_size=10)),
+        "holdings": draw(HOLDINGS),
+        "services": draw(SERVICES),
+        "running": draw(st.lists(st.text(max_size=10), max_size=3)),
+        "finished": draw(st.lists(st.text(max_size=10), max_size=3)),
+        "inventory": draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "hostname": st.text(max_size=20),
+                    "tiers": st.lists(
+                        st.fixed_dictionaries(
+                            {
+                                "name": st.sampled_from(["disk", "dram"]) | st.text(max_size=6),
+                                "path": st.text(max_size=6),
+                                "capacity": EDGE_INTS,
+                                "free": EDGE_INTS,
+                            },
+                        ),
+                        max_size=2,
+                    ),
+                    "memory_total": EDGE_INTS,
+                },
+            )
+        ),
+    }
+    later = draw(
+        st.lists(
+            st.one_of(
+                st.builds(lambda h: {"type": "holdings", "holdings": h}, HOLDINGS),
+                st.builds(lambda s: {"type": "service", "service": s[0]} if s else {"type": "x"}, SERVICES),
+                st.builds(lambda o: {"type": "succeeded", "op_id": o, "result": {}}, st.text(max_size=8)),
+                st.builds(lambda o: {"type": "progress", "op_id": o}, st.text(max_size=8)),
+                JSON,
+            ),
+            max_size=3,
+        )
+    )
+    return [hello, *later]
+
+
+CLOSE_CODES = {4400, 4401, 4409, 4426, 4000, 1000}
+
+
+@PROPS
+@given(frames=agent_frames())
+async def test_agent_messages_never_break_the_socket_or_the_head(head: HeadServer, frames: list[Any]) -> None:
+    """Hostile agent frames end in a 44xx close (or are taken); never HTTP written into the
+    socket (the client would see a protocol error), never 1011 (an internal error)."""
+    TRIED["agent frames"] += 1
+    hello = frames[0]
+    if hello["protocol_version"] is None:
+        hello["protocol_version"] = PROTOCOL_VERSION
+    hello["token"] = head.head.tokens.join_token
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(head.url.replace("http", "ws") + "/ws/agent") as ws:
+            for frame in frames:
+                if ws.closed:
+                    break
+                await ws.send_str(json.dumps(frame))
+            await ws.close()
+            assert ws.close_code in CLOSE_CODES, (ws.close_code, frames)
+            TRIED[f"agent frames closed {ws.close_code}"] += 1
+        headers = {"Authorization": f"Bearer {head.head.tokens.api_token}"}
+        async with s.get(head.url + "/", headers=headers) as r:
+            assert r.status == 200
