@@ -59,7 +59,9 @@ class Settings:
     op_timeout: float = 6 * 3600.0
     """Default per-op timeout in seconds."""
     max_body_bytes: int = 1 << 20
-    """Largest REST request body."""
+    """Largest REST request body (a job file has its own limit, `max_job_bytes`)."""
+    max_job_bytes: int = 8 << 20
+    """Largest job file, sent to `POST /jobs` or checked by `gsmodel job --check`."""
     max_ws_message_bytes: int = 8 << 20
     """Largest websocket message either way."""
     subscriber_queue: int = 2048

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from gswarm.errors import BadRequest
 
@@ -62,6 +62,15 @@ def _repo(url: str, repo_id: str, revision: str) -> HubSource:
     return HubSource(repo_id, revision)
 
 
+def _split(url: str) -> SplitResult:
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018 (parses the host: an unclosed [IPv6 is a ValueError here)
+    except ValueError as exc:
+        raise _bad(url, str(exc)) from None
+    return parts
+
+
 def parse_source(url: str) -> Source:
     """Parse a source URL; BadRequest naming what is wrong."""
     if not isinstance(url, str) or not url.strip():
@@ -72,12 +81,16 @@ def parse_source(url: str) -> Source:
         repo_id, _, revision = rest.partition("@")
         return _repo(url, repo_id, revision or "main")
     if url.startswith("file://"):
-        path = unquote(urlsplit(url).path)
-        if not path.startswith("/"):
-            raise _bad(url, "file:// needs an absolute path")
+        parts = _split(url)
+        if parts.netloc not in ("", "localhost"):
+            # file://relative/x would otherwise name /x on the host "relative".
+            raise _bad(url, "file:// needs an absolute path (file:///path)")
+        path = unquote(parts.path)
+        if not path.startswith("/") or "\x00" in path:
+            raise _bad(url, "file:// needs an absolute path (file:///path)")
         return FileSource(path)
     if url.startswith(("http://", "https://")):
-        parts = urlsplit(url)
+        parts = _split(url)
         if not parts.hostname:
             raise _bad(url, "no host")
         if parts.hostname.lower() in _HUB_HOSTS:

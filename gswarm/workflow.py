@@ -14,13 +14,23 @@ action in the file that touches the same model, so actions on different models r
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 import yaml
 
-from gswarm.devices import parse_device, validate_model_name
+from gswarm.api import (
+    MAX_LIST,
+    MAX_TIMEOUT,
+    FreeForm,
+    Patterns,
+    ShortStr,
+    UrlStr,
+    check_free_form,
+)
+from gswarm.devices import parse_device, validate_model_name, validate_node_id
 from gswarm.errors import GswarmError, InvalidWorkflow
 from gswarm.sources import parse_source
 
@@ -46,7 +56,7 @@ _COMMON = frozenset(
 class Action(msgspec.Struct, tag_field="action", kw_only=True, omit_defaults=True):
     """The fields of one action as a job file writes them; the subclass is the kind."""
 
-    model: str = ""
+    model: ShortStr = ""
 
     def writes(self) -> list[str]:
         """The devices whose copy of `model` this action writes (the locks it must hold)."""
@@ -56,11 +66,11 @@ class Action(msgspec.Struct, tag_field="action", kw_only=True, omit_defaults=Tru
 class DownloadAction(Action, tag="download"):
     """`download`: fetch `model` from `source` onto `target` (disk or dram)."""
 
-    model: str
-    source: str
-    target: str
-    include: list[str] | None = None
-    exclude: list[str] | None = None
+    model: ShortStr
+    source: UrlStr
+    target: ShortStr
+    include: Patterns | None = None
+    exclude: Patterns | None = None
 
     def writes(self) -> list[str]:
         return [self.target]
@@ -69,9 +79,9 @@ class DownloadAction(Action, tag="download"):
 class CopyAction(Action, tag="copy"):
     """`copy`: copy `model` from one device to another."""
 
-    model: str
-    from_: str = msgspec.field(name="from")
-    to: str
+    model: ShortStr
+    from_: ShortStr = msgspec.field(name="from")
+    to: ShortStr
     keep_source: bool = False
 
     def writes(self) -> list[str]:
@@ -81,9 +91,9 @@ class CopyAction(Action, tag="copy"):
 class MoveAction(Action, tag="move"):
     """`move`: move `model` (the source goes once the target is verified)."""
 
-    model: str
-    from_: str = msgspec.field(name="from")
-    to: str
+    model: ShortStr
+    from_: ShortStr = msgspec.field(name="from")
+    to: ShortStr
     keep_source: bool = False
 
     def writes(self) -> list[str]:
@@ -93,8 +103,8 @@ class MoveAction(Action, tag="move"):
 class DeleteAction(Action, tag="delete"):
     """`delete`: remove the copy on `device`."""
 
-    model: str
-    device: str
+    model: ShortStr
+    device: ShortStr
     force: bool = False
 
     def writes(self) -> list[str]:
@@ -104,9 +114,9 @@ class DeleteAction(Action, tag="delete"):
 class LoadAction(Action, tag="load"):
     """`load`: make `model` resident on a GPU (`node:gpuN`)."""
 
-    model: str
-    device: str
-    from_: str | None = msgspec.field(default=None, name="from")
+    model: ShortStr
+    device: ShortStr
+    from_: ShortStr | None = msgspec.field(default=None, name="from")
 
     def writes(self) -> list[str]:
         return [self.device]
@@ -115,11 +125,11 @@ class LoadAction(Action, tag="load"):
 class ServeAction(Action, tag="serve"):
     """`serve`: start a server for `model` on `device` at `port`."""
 
-    model: str
-    device: str
+    model: ShortStr
+    device: ShortStr
     port: int
-    backend: str | None = None
-    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    backend: ShortStr | None = None
+    config: FreeForm = msgspec.field(default_factory=dict)
     """The backend's own options, passed through."""
 
     def writes(self) -> list[str]:
@@ -129,8 +139,8 @@ class ServeAction(Action, tag="serve"):
 class StopAction(Action, tag="stop"):
     """`stop`: stop the service of `model` on `device`."""
 
-    model: str
-    device: str
+    model: ShortStr
+    device: ShortStr
 
     def writes(self) -> list[str]:
         return [self.device]
@@ -139,10 +149,10 @@ class StopAction(Action, tag="stop"):
 class ReplicateAction(Action, tag="replicate"):
     """`replicate`: spread `model` to `targets` or to every online node's tier."""
 
-    model: str
-    targets: list[str] | None = None
+    model: ShortStr
+    targets: Annotated[list[ShortStr], msgspec.Meta(max_length=MAX_LIST)] | None = None
     all_nodes: Literal["disk", "dram"] | None = None
-    from_: str | None = msgspec.field(default=None, name="from")
+    from_: ShortStr | None = msgspec.field(default=None, name="from")
 
     def writes(self) -> list[str]:
         return list(self.targets or [])
@@ -151,8 +161,8 @@ class ReplicateAction(Action, tag="replicate"):
 class HealthCheckAction(Action, tag="health_check"):
     """`health_check`: a service (`model` and `device`) or a node."""
 
-    device: str | None = None
-    node: str | None = None
+    device: ShortStr | None = None
+    node: ShortStr | None = None
 
 
 ActionFields = (
@@ -235,13 +245,90 @@ class Problems:
             )
 
 
-def load_text(text: str, filename: str = "job") -> dict[str, Any]:
-    """Parse a job file's text (JSON or YAML); InvalidWorkflow naming the line on a syntax error."""
+MAX_JOB_BYTES = 8 << 20
+"""The largest job file (the head's `max_job_bytes` setting defaults to this)."""
+MAX_DEPTH = 32
+"""Levels of mappings and lists in a job file."""
+MAX_SCALAR = 64 * 1024
+"""Characters in one string (or number) of a job file."""
+MAX_JOB_NAME = 256
+"""Characters in a job's name."""
+MAX_DESCRIPTION = 4096
+"""Characters in a job's (or an action's) description."""
+MAX_ACTION_ID = 128
+"""Characters in an action id."""
+
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's safe loader when PyYAML has it (fast), else the pure-Python one."""
+
+
+def _yaml_problem(filename: str, mark: Any, problem: str) -> InvalidWorkflow:
+    line = mark.line + 1 if mark is not None else None
+    return InvalidWorkflow(
+        f"{filename}: YAML does not parse at line {line}: {problem}", details={"line": line}
+    )
+
+
+def _check_yaml(text: str, filename: str) -> None:
+    """Walk the YAML events before building anything: no alias (an alias bomb expands a few
+    hundred bytes into gigabytes), at most `MAX_DEPTH` levels (building deeper recurses), no
+    scalar over `MAX_SCALAR` characters. Stops at the first problem, so a bomb costs nothing."""
+    loader = _YAML_LOADER(text)
+    try:
+        depth = 0
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise _yaml_problem(
+                    filename, event.start_mark, f"aliases (*{event.anchor}) are not allowed in job files"
+                )
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise _yaml_problem(filename, event.start_mark, f"nested deeper than {MAX_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            elif isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_SCALAR:
+                why = f"a value of {len(event.value)} characters: at most {MAX_SCALAR}"
+                raise _yaml_problem(filename, event.start_mark, why)
+    finally:
+        loader.dispose()
+
+
+def _check_tree(data: Any, filename: str) -> None:
+    """The same bounds on parsed JSON: depth and string lengths (iterative, no recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise InvalidWorkflow(f"{filename}: nested deeper than {MAX_DEPTH} levels")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+        elif isinstance(value, str) and len(value) > MAX_SCALAR:
+            raise InvalidWorkflow(f"{filename}: a value of {len(value)} characters: at most {MAX_SCALAR}")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number here")
+
+
+def load_text(text: str, filename: str = "job", max_chars: int = MAX_JOB_BYTES) -> dict[str, Any]:
+    """Parse a job file's text (JSON or YAML) within the limits above; InvalidWorkflow naming
+    the line on a syntax error. Costs time in proportion to the text: call it off the event
+    loop for anything but a small file."""
+    if len(text) > max_chars:
+        raise InvalidWorkflow(f"{filename} is {len(text)} characters: at most {max_chars}")
     if not text.strip():
         raise InvalidWorkflow(f"{filename} is empty: a job needs a name and a list of actions")
     stripped = text.lstrip()
     try:
-        data = json.loads(text) if stripped.startswith("{") else yaml.safe_load(text)
+        if stripped.startswith("{"):
+            data = json.loads(text, parse_constant=_refuse_constant)
+            _check_tree(data, filename)
+        else:
+            _check_yaml(text, filename)
+            data = yaml.load(text, Loader=_YAML_LOADER)
     except json.JSONDecodeError as exc:
         raise InvalidWorkflow(
             f"{filename}: JSON does not parse at line {exc.lineno}, column {exc.colno}: {exc.msg}",
@@ -249,11 +336,13 @@ def load_text(text: str, filename: str = "job") -> dict[str, Any]:
         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
-        raise InvalidWorkflow(
-            f"{filename}: YAML does not parse at line {line}: {problem}", details={"line": line}
-        ) from None
+        raise _yaml_problem(filename, mark, problem) from None
+    except RecursionError:
+        raise InvalidWorkflow(f"{filename}: nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # An integer of thousands of digits, NaN in JSON, an unhashable YAML key...
+        raise InvalidWorkflow(f"{filename}: does not parse: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise InvalidWorkflow(
             f"{filename}: a job is a mapping with name and actions, not {type(data).__name__}"
@@ -297,7 +386,12 @@ def validate(data: dict[str, Any], max_actions: int = MAX_ACTIONS) -> JobSpec:
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         problems.add("job", "name", "a job needs a name (a non-empty string)")
+    elif len(name) > MAX_JOB_NAME:
+        problems.add("job", "name", f"{len(name)} characters: at most {MAX_JOB_NAME}")
     description = data.get("description") or ""
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+        problems.add("job", "description", f"a string of at most {MAX_DESCRIPTION} characters")
+        description = ""
     actions_raw = data.get("actions")
     if not isinstance(actions_raw, list) or not actions_raw:
         problems.add("job", "actions", "a job needs a non-empty list of actions")
@@ -317,13 +411,18 @@ def validate(data: dict[str, Any], max_actions: int = MAX_ACTIONS) -> JobSpec:
             continue
         fields_ = _normalise(raw)
         kind = fields_.get("action")
-        aid = str(fields_.get("id") or f"{index + 1}-{kind}")
+        kind_shown = kind if isinstance(kind, str) else _shown(kind)
+        aid = str(fields_.get("id") or f"{index + 1}-{kind_shown}")
+        if len(aid) > MAX_ACTION_ID:
+            problems.add(f"action {index + 1}", "id", f"{len(aid)} characters: at most {MAX_ACTION_ID}")
+            aid = f"{index + 1}-{kind_shown}"[:MAX_ACTION_ID]
         where = f"action {index + 1} ({aid})"
         if aid in ids:
             problems.add(where, "id", f"duplicate id {aid!r}")
         ids.add(aid)
-        if kind not in ACTION_TYPES:
-            problems.add(where, "action", f"unknown action {kind!r}: expected one of {', '.join(ACTIONS)}")
+        if not isinstance(kind, str) or kind not in ACTION_TYPES:
+            why = f"unknown action {_shown(kind)}: expected one of {', '.join(ACTIONS)}"
+            problems.add(where, "action", why)
             continue
         typed, _ = _typed_fields(problems, where, str(kind), fields_)
         _check_fields(problems, where, typed)
@@ -343,9 +442,12 @@ def validate(data: dict[str, Any], max_actions: int = MAX_ACTIONS) -> JobSpec:
             retries = 0
         timeout = fields_.get("timeout")
         if timeout is not None and (
-            not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not 0 < timeout <= MAX_TIMEOUT
+            or not math.isfinite(timeout)
         ):
-            problems.add(where, "timeout", "a positive number of seconds")
+            problems.add(where, "timeout", f"a positive number of seconds, at most {MAX_TIMEOUT:.0f}")
             timeout = None
         coe = fields_.get("continue_on_error", False)
         if not isinstance(coe, bool):
@@ -388,9 +490,17 @@ _WHAT = {
 }
 
 
+def _shown(value: Any) -> str:
+    """A value as a problem quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
+
+
 def _blank(typ: Any) -> Any:
     """A stand-in for a missing or mistyped required field, so the other fields still get
     their checks (every problem is reported at once)."""
+    if get_origin(typ) is Annotated:
+        typ = get_args(typ)[0]
     if typ is int:
         return 0
     if typ is str:
@@ -420,7 +530,7 @@ def _typed_fields(
             msgspec.convert(value, f.type)
         except msgspec.ValidationError as exc:
             why = str(exc).split(" - at ")[0].replace("Expected", "expected")
-            problems.add(where, key, f"{value!r} is not {_WHAT.get(key, 'valid')} ({why})")
+            problems.add(where, key, f"{_shown(value)} is not {_WHAT.get(key, 'valid')} ({why})")
             ok = False
             continue
         good[key] = value
@@ -456,6 +566,10 @@ def _check_fields(problems: Problems, where: str, f: ActionFields) -> None:
             _check_device(problems, where, "device", f.device)
         case ServeAction():
             _check_device(problems, where, "device", f.device)
+            try:
+                check_free_form("config", f.config)
+            except ValueError as exc:
+                problems.add(where, "config", str(exc))
             if f.port and not 1 <= f.port <= 65535:
                 problems.add(where, "port", f"{f.port!r} is not a port (1-65535)")
         case LoadAction():
@@ -474,6 +588,11 @@ def _check_fields(problems: Problems, where: str, f: ActionFields) -> None:
         case HealthCheckAction():
             if f.device:
                 _check_device(problems, where, "device", f.device)
+            if f.node:
+                try:
+                    validate_node_id(f.node)
+                except GswarmError as exc:
+                    problems.add(where, "node", exc.message)
             if not f.device and not f.node:
                 problems.add(where, "device", "health_check needs a device (with model: a service) or a node")
 

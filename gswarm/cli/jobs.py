@@ -12,6 +12,7 @@ from gswarm.cli.commands import open_client, with_client
 from gswarm.cli.common import DetachOpt, HeadUrl, JsonOpt, TokenOpt, app, err, fail, out
 from gswarm.cli.processes import run
 from gswarm.cli.render import ago, follow_job, job_table, print_json
+from gswarm.config import Settings
 from gswarm.errors import GswarmError
 from gswarm.protocol import Job
 
@@ -28,10 +29,15 @@ def job(
     """Run a job file: a DAG of actions, shown live; exits with the job's outcome."""
     from gswarm.workflow import parse
 
+    limit = Settings.from_env().max_job_bytes
     try:
-        text = file.read_text()
+        with file.open("rb") as f:
+            raw = f.read(limit + 1)  # a device like /dev/zero never ends: read no more than this
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror or exc}")
+    if len(raw) > limit:
+        fail(f"{file} is over the {limit}-byte limit of a job file")
+    text = raw.decode(errors="replace")
     if check:
         try:
             spec = parse(text, str(file))

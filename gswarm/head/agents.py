@@ -25,6 +25,7 @@ from aiohttp import WSMsgType, web
 
 from gswarm import PROTOCOL_VERSION, grants
 from gswarm.devices import NODE_ID_RE
+from gswarm.errors import GswarmError
 from gswarm.protocol import (
     Accepted,
     Failed,
@@ -130,6 +131,14 @@ class AgentHub:
             if conn is None:
                 return ws
             await self._loop(conn)
+        except GswarmError as exc:
+            # Something the agent sent that the registry refuses: a close code, never an HTTP
+            # answer written into the upgraded socket.
+            log.warning("agent socket from %s: %s", request.remote, exc.message)
+            await _close(ws, CLOSE_BAD_MESSAGE, f"refused: {exc.message}")
+        except Exception:
+            log.exception("agent socket from %s failed", request.remote)
+            await _close(ws, CLOSE_INTERNAL, "internal error on the head")
         finally:
             self._all_ws.discard(ws)
             if conn is not None and self._conns.get(conn.node_id) is conn:
@@ -149,7 +158,7 @@ class AgentHub:
             return None
         try:
             hello = agent_message_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             await _close(ws, CLOSE_BAD_MESSAGE, f"invalid message: {exc}")
             return None
         if not isinstance(hello, Hello):
@@ -284,7 +293,7 @@ class AgentHub:
                 break  # replaced, or the node was removed: nothing more from this socket counts
             try:
                 decoded = agent_message_decoder.decode(msg.data)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, RecursionError) as exc:
                 await _close(conn.ws, CLOSE_BAD_MESSAGE, f"invalid message: {exc}")
                 break
             match decoded:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gswarm.config import Settings
 from gswarm.head import jobs, replication, routes, services, transfers
+from gswarm.head.http import JsonErrorAppRunner
 from gswarm.head.results import RESULT_HOOKS
 from gswarm.head.state import HEAD_KEY, Head
 from gswarm.tls import server_context
@@ -17,7 +18,8 @@ from gswarm.tls import server_context
 
 def create_app(head: Head) -> web.Application:
     """The aiohttp application of a head."""
-    app = web.Application(client_max_size=head.settings.max_body_bytes)
+    # Routes read their bodies with their own limits (`http.read_body`); this is the largest.
+    app = web.Application(client_max_size=max(head.settings.max_body_bytes, head.settings.max_job_bytes))
     app[HEAD_KEY] = head
     routes.setup(app)
     app.router.add_get("/ws/agent", head.agents.handle)
@@ -57,7 +59,7 @@ class HeadServer:
         self.host = host
         self.port = port
         self._ssl = server_context(tls_cert, tls_key) if tls_cert and tls_key else None
-        self._runner: web.AppRunner | None = None
+        self._runner: JsonErrorAppRunner | None = None
 
     @property
     def url(self) -> str:
@@ -68,7 +70,7 @@ class HeadServer:
 
     async def start(self) -> str:
         """Start listening; returns the URL."""
-        self._runner = web.AppRunner(create_app(self.head), access_log=None, shutdown_timeout=5.0)
+        self._runner = JsonErrorAppRunner(create_app(self.head), access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl)
         await site.start()

@@ -20,8 +20,8 @@ from aiohttp import web
 
 from gswarm.api import CopyBody, DownloadBody, HealthBody, LoadBody, ReplicateBody, ServeBody
 from gswarm.devices import parse_device
-from gswarm.errors import Conflict, GswarmError, PayloadTooLarge
-from gswarm.head.http import json_response, query_int
+from gswarm.errors import Conflict, GswarmError
+from gswarm.head.http import json_response, query_int, read_body
 from gswarm.head.replication import submit_replicate
 from gswarm.head.services import submit_health_check, submit_load, submit_serve, submit_stop
 from gswarm.head.state import HEAD_KEY, Head
@@ -283,15 +283,18 @@ class JobRunner:
 RUNNER_KEY: web.AppKey[JobRunner] = web.AppKey("job_runner")
 
 
+def _parse_job(body: bytes, max_chars: int) -> JobSpec:
+    return validate(load_text(body.decode(errors="replace"), "request body", max_chars))
+
+
 async def create_job(request: web.Request) -> web.Response:
-    """`POST /jobs`: a job as JSON (the original body) or YAML; 422 with every problem."""
+    """`POST /jobs`: a job as JSON (the original body) or YAML, up to `max_job_bytes` (8 MiB),
+    parsed and validated in a thread within the limits of `workflow.load_text`; 422 with every
+    problem."""
     head = request.app[HEAD_KEY]
-    limit = head.settings.max_body_bytes * 8
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"job file of {request.content_length} bytes is over the {limit}-byte limit")
-    text = (await request.read()).decode(errors="replace")
-    data = load_text(text, "request body")
-    spec = validate(data)
+    limit = head.settings.max_job_bytes
+    body = await read_body(request, limit, "job file")
+    spec = await asyncio.to_thread(_parse_job, body, limit)
     job = request.app[RUNNER_KEY].create(spec)
     return json_response(job, status=202)
 
@@ -300,7 +303,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     """`GET /jobs`: every job, newest first, without its actions."""
     reg = request.app[HEAD_KEY].registry
     jobs = sorted(reg.jobs.values(), key=lambda j: j.created_at, reverse=True)
-    limit = query_int(request, "limit", 100)
+    limit = query_int(request, "limit", 100, lo=1)
     return json_response({"jobs": [msgspec.structs.replace(j, actions=[]) for j in jobs[:limit]]})
 
 

@@ -31,6 +31,9 @@ from gswarm.protocol import Event, NodeRemoved, Notice, OpError, encode
 
 log = logging.getLogger(__name__)
 
+MAX_SEQ = (1 << 63) - 1
+"""The largest event sequence number (SQLite's INTEGER)."""
+
 
 # ---------------------------------------------------------------- system
 
@@ -202,7 +205,7 @@ async def list_ops(request: web.Request) -> web.Response:
         and (not q.get("kind") or op.kind == q["kind"])
     ]
     ops.sort(key=lambda o: o.created_at, reverse=True)
-    return json_response({"ops": ops[: query_int(request, "limit", 200)]})
+    return json_response({"ops": ops[: query_int(request, "limit", 200, lo=1)]})
 
 
 async def get_op(request: web.Request) -> web.Response:
@@ -232,8 +235,8 @@ def _topics(request: web.Request) -> frozenset[str]:
 async def list_events(request: web.Request) -> web.Response:
     """`GET /events?since=SEQ&topic=&limit=`: the events after `since`."""
     head = head_of(request)
-    since = query_int(request, "since", 0)
-    limit = min(query_int(request, "limit", 1000), 10_000)
+    since = query_int(request, "since", 0, lo=-1, hi=MAX_SEQ)
+    limit = query_int(request, "limit", 1000, lo=1, hi=10_000)
     events = await head.bus.replay(since, head.bus.last_seq, _topics(request), limit)
     return json_response({"events": events, "last_seq": head.bus.last_seq})
 
@@ -241,7 +244,7 @@ async def list_events(request: web.Request) -> web.Response:
 async def events_socket(request: web.Request) -> web.WebSocketResponse:
     """`/ws/events?since=SEQ&topic=...`: replay what was missed, then follow live."""
     head = head_of(request)
-    since = query_int(request, "since", -1)
+    since = query_int(request, "since", -1, lo=-1, hi=MAX_SEQ)
     topics = _topics(request)
     ws = web.WebSocketResponse(heartbeat=head.settings.ws_ping_interval, timeout=2.0)
     await ws.prepare(request)

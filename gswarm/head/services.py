@@ -79,16 +79,16 @@ async def serve(request: web.Request) -> web.Response:
 async def submit_serve(head: Head, body: ServeBody) -> Submitted:
     """Validate a serve request and create its op."""
     model = validate_model_name(body.model_name, "model_name")
+    if not 1 <= body.port <= 65535:  # the input first, then what it names
+        raise BadRequest(
+            f"port {body.port} is out of range (1-65535)", code="invalid_port", details={"field": "port"}
+        )
     head.registry.get_model(model)
     dev = parse_device(body.device, "device")
     if dev.is_gpu:
         dev = gpu_device(head, body.device, "device")
     else:
         require_node(head, dev)
-    if not 1 <= body.port <= 65535:
-        raise BadRequest(
-            f"port {body.port} is out of range (1-65535)", code="invalid_port", details={"field": "port"}
-        )
     node = head.registry.nodes[dev.node]
     backend = body.backend or str(body.config.get("backend") or "builtin")
     if node.backends and backend not in node.backends:
@@ -152,11 +152,10 @@ async def logs(request: web.Request) -> web.Response:
     head = request.app[HEAD_KEY]
     model = validate_model_name(request.match_info["model_name"], "model_name")
     dev = parse_device(request.match_info["device"], "device")
+    lines = query_int(request, "lines", 100, lo=1, hi=10_000)
     require_node(head, dev)
     sid = service_id(model, str(dev))
-    op = await head.dispatcher.submit(
-        dev.node, LogsArgs(service_id=sid, lines=query_int(request, "lines", 100)), 30
-    )
+    op = await head.dispatcher.submit(dev.node, LogsArgs(service_id=sid, lines=lines), 30)
     op = await head.dispatcher.wait(op.op_id, 30)
     if op.state != "succeeded" or not isinstance(op.result, LogsResult):
         raise NotFound(op.error.message if op.error else f"no log for {sid}", code="service_not_found")
