@@ -82,6 +82,9 @@ class Settings:
     """Client-side timeout of one REST request."""
     sweep_interval: float = 0.5
     """How often the head checks liveness and op deadlines."""
+    metrics_port: int = -1
+    """A port on which the head serves `/metrics` to anyone, without the api token (for a
+    Prometheus scraper); -1: none, `/metrics` only on the head's port with the api token."""
 
     @classmethod
     def from_env(cls, **overrides: float | int | None) -> Settings:

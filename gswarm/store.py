@@ -19,7 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,12 @@ GROUP_COMMIT_SECONDS = 0.003
 
 
 @dataclass
+class _Events:
+    queued_at: float
+    events: Sequence[Event]
+
+
+@dataclass
 class _Forget:
     table: str
     keys: list[str]
@@ -115,8 +121,11 @@ def _assemble_jobs(jobs: list[Job], actions: list[JobAction]) -> list[Job]:
 class Store:
     """The SQLite database under a state dir, written by a background thread."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_write: Callable[[float], None] | None = None) -> None:
+        """`on_write` is called from the writer thread after each committed batch of events with
+        the seconds since the first of them was queued."""
         self.path = path
+        self._on_write = on_write
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -190,7 +199,7 @@ class Store:
         if self._error is not None:
             raise RuntimeError(f"state store failed: {self._error}") from self._error
         if events:
-            self._queue.put(events)
+            self._queue.put(_Events(time.monotonic(), events))
 
     def _writer(self) -> None:
         conn = self._connect()
@@ -199,6 +208,7 @@ class Store:
             while True:
                 item = self._queue.get()
                 batch: list[Event] = []
+                queued_at = 0.0
                 forget: list[_Forget] = []
                 creds = []
                 stop = item is _STOP
@@ -211,14 +221,18 @@ class Store:
                         forget.append(item)
                     elif isinstance(item, _Credential):
                         creds.append(item)
-                    elif item is not None:
-                        batch.extend(item)
+                    elif isinstance(item, _Events):
+                        if not batch:
+                            queued_at = item.queued_at
+                        batch.extend(item.events)
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
                         break
                 if batch:
                     self._write(conn, batch)
+                    if self._on_write is not None:
+                        self._on_write(time.monotonic() - queued_at)
                 for f in forget:
                     conn.executemany(f"DELETE FROM {f.table} WHERE key=?", [(k,) for k in f.keys])
                 while creds:

@@ -142,14 +142,24 @@ def head(
     ] = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT",
+            min=0,
+            max=65535,
+            help="Also serve /metrics on this port to anyone, without the api token (for Prometheus) "
+            "[$GSWARM_METRICS_PORT; default: only on the head's port, with the token].",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Start the head server (REST API, agent and event sockets, registry)."""
+    """Start the head server (REST API, agent and event sockets, registry, /metrics)."""
     from gswarm.head.app import HeadServer
 
     _setup_logging(verbose)
     _tls_pair(tls_cert, tls_key)
-    settings = Settings.from_env(offline_after=offline_after)
+    settings = Settings.from_env(offline_after=offline_after, metrics_port=metrics_port)
 
     async def main() -> None:
         server = HeadServer(state_dir or default_state_dir(), host, port, settings, tls_cert, tls_key)
@@ -158,6 +168,8 @@ def head(
         except OSError as exc:
             raise GswarmError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         err.print(f"gswarm head {__version__} listening on {server.url} (state: {server.head.state_dir})")
+        if server.metrics_url is not None:
+            err.print(f"metrics for anyone at {server.metrics_url}")
         try:
             await _until_signal()
         finally:

@@ -9,8 +9,10 @@ from pathlib import Path
 from aiohttp import web
 
 from gswarm.config import Settings
+from gswarm.errors import GswarmError
 from gswarm.head import jobs, replication, routes, services, transfers
-from gswarm.head.http import JsonErrorAppRunner
+from gswarm.head.http import JsonErrorAppRunner, error_middleware
+from gswarm.head.metrics import metrics_response
 from gswarm.head.results import RESULT_HOOKS
 from gswarm.head.state import HEAD_KEY, Head
 from gswarm.tls import server_context
@@ -22,6 +24,7 @@ def create_app(head: Head) -> web.Application:
     app = web.Application(client_max_size=max(head.settings.max_body_bytes, head.settings.max_job_bytes))
     app[HEAD_KEY] = head
     routes.setup(app)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_get("/ws/agent", head.agents.handle)
     transfers.setup(app)
     replication.setup(app)
@@ -39,6 +42,22 @@ def create_app(head: Head) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(on_shutdown)
+    return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """`GET /metrics`: Prometheus metrics, with the api token like every route."""
+    return metrics_response(request.app[HEAD_KEY], request)
+
+
+def create_metrics_app(head: Head) -> web.Application:
+    """The application of the open metrics port: `GET /metrics` and nothing else, no token."""
+    app = web.Application(middlewares=[error_middleware])
+
+    async def scrape(request: web.Request) -> web.Response:
+        return metrics_response(head, request)
+
+    app.router.add_get("/metrics", scrape)
     return app
 
 
@@ -60,6 +79,9 @@ class HeadServer:
         self.port = port
         self._ssl = server_context(tls_cert, tls_key) if tls_cert and tls_key else None
         self._runner: JsonErrorAppRunner | None = None
+        self._metrics_runner: JsonErrorAppRunner | None = None
+        self.metrics_port = self.head.settings.metrics_port
+        """The open metrics port (the one bound once started, when `metrics_port` was 0); -1: none."""
 
     @property
     def url(self) -> str:
@@ -78,10 +100,37 @@ class HeadServer:
         if self.port == 0 and server is not None:
             sockets = getattr(server, "sockets", None) or []
             self.port = sockets[0].getsockname()[1]
+        if self.metrics_port >= 0:
+            self._metrics_runner = JsonErrorAppRunner(
+                create_metrics_app(self.head), access_log=None, shutdown_timeout=1.0
+            )
+            await self._metrics_runner.setup()
+            msite = web.TCPSite(self._metrics_runner, self.host, self.metrics_port, ssl_context=self._ssl)
+            try:
+                await msite.start()
+            except OSError as exc:
+                await self.stop()
+                raise GswarmError(
+                    f"cannot listen on {self.host}:{self.metrics_port} (the metrics port): "
+                    f"{exc.strerror or exc}"
+                ) from None
+            if self.metrics_port == 0 and msite._server is not None:
+                sockets = getattr(msite._server, "sockets", None) or []
+                self.metrics_port = sockets[0].getsockname()[1]
         return self.url
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the open metrics port serves `/metrics`, or None when there is none."""
+        if self.metrics_port < 0:
+            return None
+        return self.url.rsplit(":", 1)[0] + f":{self.metrics_port}/metrics"
 
     async def stop(self) -> None:
         """Close sockets, stop tasks, flush state."""
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

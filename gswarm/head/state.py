@@ -24,6 +24,7 @@ from gswarm.config import TOKENS_FILE, Settings, Tokens
 from gswarm.head.agents import AgentHub
 from gswarm.head.dispatcher import Dispatcher, ResultHook
 from gswarm.head.events import EventBus
+from gswarm.head.metrics import Metrics
 from gswarm.protocol import Event
 from gswarm.registry import Registry
 from gswarm.states import OP_TERMINAL
@@ -62,7 +63,8 @@ class Head:
         self.state_dir = state_dir
         self.settings = settings
         self.registry = Registry()
-        self.store = Store(state_dir / "gswarm.db")
+        self.metrics = Metrics(self)
+        self.store = Store(state_dir / "gswarm.db", on_write=self.metrics.observe_store_write)
         self.bus = EventBus(self.store, settings.event_ring, settings.subscriber_queue)
         self.agents = AgentHub(self)
         self.dispatcher = Dispatcher(self, result_hooks or {})
@@ -112,13 +114,17 @@ class Head:
         await self.store.close()
 
     def commit(self, events: list[Event]) -> None:
-        """Persist and publish the events of a registry mutation; wake op waiters."""
+        """Persist and publish the events of a registry mutation; wake op waiters; count the
+        ops that ended (every path that ends an op commits its event here)."""
         if not events:
             return
         self.store.persist(events)
         self.bus.publish(events)
         for ev in events:
             if ev.topic == "op" and ev.data.get("state") in OP_TERMINAL:
+                op = self.registry.ops.get(ev.key)
+                if op is not None:
+                    self.metrics.op_ended(op)
                 for fut in self._waiters.pop(ev.key, []):
                     if not fut.done():
                         fut.set_result(None)
