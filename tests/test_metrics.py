@@ -4,7 +4,11 @@ on the head's port; anyone on the open metrics port)."""
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gswarm import __version__
 from gswarm.agent.serving import ServingConfig, Template
 from gswarm.client import GswarmClient
 from gswarm.head.app import HeadServer
@@ -123,7 +128,7 @@ async def test_a_scrape_counts_what_the_cluster_did(
     assert _v(m, "gswarm_services", state="ready") == 1
     assert _v(m, "gswarm_event_subscribers_dropped_total") == 0
     assert _v(m, "gswarm_store_write_seconds_count") > 0
-    assert _v(m, "gswarm_head_info", version=__import__("gswarm").__version__) == 1
+    assert _v(m, "gswarm_head_info", version=__version__) == 1
 
     await client.stop_service("tiny", "w1:disk", wait=True)
     await agents.stop("w2")
@@ -200,8 +205,6 @@ def test_head_metrics_port_from_the_command_line(cli: Cli) -> None:
     port = free_port()
     proc = cli.spawn("head", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(port), name="head")
     proc.wait_output(rf"metrics for anyone at http://127\.0\.0\.1:{port}/metrics")
-    import urllib.request
-
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     assert _v(_parse(text), "gswarm_nodes", status="offline") == 0
@@ -209,8 +212,6 @@ def test_head_metrics_port_from_the_command_line(cli: Cli) -> None:
 
 
 def test_metrics_port_in_use_is_a_clear_error(cli: Cli) -> None:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -219,3 +220,19 @@ def test_metrics_port_in_use_is_a_clear_error(cli: Cli) -> None:
     assert result.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port} (the metrics port)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_the_grafana_example_uses_only_metrics_the_head_exports(head: HeadServer) -> None:
+    dashboard = json.loads((Path(__file__).parents[1] / "examples" / "grafana-gswarm.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    used = {name for e in exprs for name in re.findall(r"\bgswarm_[a-z_]+", e)}
+    assert len(used) > 15
+    status, _, text = await _get(f"{head.url}/metrics", head.head.tokens.api_token)
+    assert status == 200
+    exported = set()
+    for family in text_string_to_metric_families(text):
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        exported |= {family.name + s for s in suffixes}
+    assert used <= exported, used - exported

@@ -132,6 +132,18 @@ def _tls_pair(cert: Path | None, key: Path | None, what: str = "--tls-cert and -
         fail(f"give both {what}, or neither", 2)
 
 
+MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        metavar="PORT",
+        min=0,
+        max=65535,
+        help="Also serve /metrics on this port to anyone, without the api token (for Prometheus) "
+        "[$GSWARM_METRICS_PORT; default: only on the head's port, with the token].",
+    ),
+]
+
+
 @app.command()
 def head(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
@@ -142,16 +154,7 @@ def head(
     ] = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            metavar="PORT",
-            min=0,
-            max=65535,
-            help="Also serve /metrics on this port to anyone, without the api token (for Prometheus) "
-            "[$GSWARM_METRICS_PORT; default: only on the head's port, with the token].",
-        ),
-    ] = None,
+    metrics_port: MetricsPortOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Start the head server (REST API, agent and event sockets, registry, /metrics)."""
@@ -332,6 +335,7 @@ def up(
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
     ca: CaOpt = None,
+    metrics_port: MetricsPortOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """A head and a local agent in one process: the whole system on one machine. The agent
@@ -342,7 +346,7 @@ def up(
     _setup_logging(verbose)
     nid, disk, dram = _agent_options(node_id, disk_dir, dram_dir)
     _tls_pair(tls_cert, tls_key)
-    settings = Settings.from_env()
+    settings = Settings.from_env(metrics_port=metrics_port)
 
     async def main() -> None:
         config = await asyncio.to_thread(_agent_config, config_file, service_host, allow_file_root)
@@ -375,6 +379,8 @@ def up(
             f"gswarm {__version__} up: head {server.url}, agent {nid} "
             f"(state: {server.head.state_dir}, disk: {disk}, dram: {dram}); Ctrl-C stops"
         )
+        if server.metrics_url is not None:
+            err.print(f"metrics for anyone at {server.metrics_url}")
         try:
             await _until_signal(task)
         finally:
