@@ -4,6 +4,7 @@ on the head's port; anyone on the open metrics port)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import socket
@@ -236,3 +237,29 @@ async def test_the_grafana_example_uses_only_metrics_the_head_exports(head: Head
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
         exported |= {family.name + s for s in suffixes}
     assert used <= exported, used - exported
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("safetensors") is None,
+    reason="needs torch and safetensors (the gpu extra): run `tox -e py`",
+)
+async def test_a_load_counts_bytes_moved_onto_a_gpu(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    save_file({"w": torch.zeros(1 << 16)}, str(weights / "model.safetensors"))
+    await agents.start(head, "w1", simulate_gpus="1:64M")
+    op = await client.download("w", f"file://{weights}", "w1:dram", wait=True)
+    assert op.state == "succeeded", op.error
+    op = await client.load("w", "w1:gpu0", wait=True)
+    assert op.state == "succeeded" and op.result is not None, op.error
+    m = await _scrape(head)
+    assert _v(m, "gswarm_ops_total", kind="load", outcome="succeeded") == 1
+    assert _v(m, "gswarm_bytes_moved_total", kind="gpu", node="w1") == op.result.size > 0
+    assert _v(m, "gswarm_locations", tier="gpu0", state="ready") == 1
+    file_size = (weights / "model.safetensors").stat().st_size  # the tensors and their header
+    assert _v(m, "gswarm_bytes_moved_total", kind="hub", node="w1") == file_size
