@@ -8,6 +8,7 @@ import importlib.util
 import json
 import re
 import socket
+import ssl
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from gswarm import __version__
@@ -263,3 +265,22 @@ async def test_a_load_counts_bytes_moved_onto_a_gpu(
     assert _v(m, "gswarm_locations", tier="gpu0", state="ready") == 1
     file_size = (weights / "model.safetensors").stat().st_size  # the tensors and their header
     assert _v(m, "gswarm_bytes_moved_total", kind="hub", node="w1") == file_size
+
+
+async def test_the_open_metrics_port_speaks_tls_when_the_head_does(tmp_path: Path) -> None:
+    authority = trustme.CA()
+    cert = authority.issue_cert("127.0.0.1")
+    cert_pem, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    server = HeadServer(tmp_path / "state", "127.0.0.1", 0, fast_settings(metrics_port=0), cert_pem, key_pem)
+    await server.start()
+    try:
+        url = server.metrics_url
+        assert url is not None and url.startswith("https://")
+        context = ssl.create_default_context()
+        authority.configure_trust(context)
+        async with aiohttp.ClientSession() as s, s.get(url, ssl=context) as r:
+            assert r.status == 200 and "gswarm_nodes" in await r.text()
+    finally:
+        await server.stop()
