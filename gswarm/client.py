@@ -32,7 +32,7 @@ from gswarm.api import (
 )
 from gswarm.config import DEFAULT_HEAD_URL, load_tokens
 from gswarm.errors import GswarmError, from_payload
-from gswarm.ops import Op
+from gswarm.ops import LogsResult, Op
 from gswarm.protocol import (
     Event,
     Job,
@@ -290,16 +290,19 @@ class GswarmClient:
         target_device: str,
         *,
         keep_source: bool = False,
+        force: bool = False,
         wait: bool = False,
     ) -> Op:
-        """Move a model between devices (the source goes once the target is verified)."""
+        """Move a model between devices (the source goes once the target is verified). A source
+        that a running service serves from is a Conflict (`serving`) unless `force`, which
+        stops the service first."""
         body = CopyBody(
             model_name=model_name,
             source_device=source_device,
             target_device=target_device,
             keep_source=keep_source,
         )
-        return await self._op("POST", "/move", body, wait)
+        return await self._op("POST", "/move", body, wait, force="true" if force else "")
 
     async def replicate(
         self,
@@ -357,9 +360,42 @@ class GswarmClient:
 
     async def logs(self, model_name: str, device: str, lines: int = 100) -> str:
         """The tail of a service's log."""
+        return (await self.log_chunk(model_name, device, lines=lines)).log
+
+    async def log_chunk(
+        self,
+        model_name: str,
+        device: str,
+        *,
+        lines: int = 100,
+        since_bytes: int | None = None,
+        timeout: float = 0.0,
+    ) -> LogsResult:
+        """The last `lines` of a service's log; or, with `since_bytes`, what it gained past
+        that offset (waiting up to `timeout` seconds, at most 25, for something). Either way
+        `offset` is where to read on from."""
         path = f"/logs/{quote(model_name, safe='')}/{quote(device, safe='')}"
-        raw = await self.request("GET", path, params={"lines": str(lines)})
-        return str(msgspec.json.decode(raw, type=dict[str, Any]).get("log", ""))
+        params = {"lines": str(lines)}
+        if since_bytes is not None:
+            params.update(since_bytes=str(since_bytes), timeout=f"{timeout:g}")
+        raw = await self.request("GET", path, params=params, timeout=timeout + 40)
+        return msgspec.json.decode(raw, type=LogsResult)
+
+    async def follow_logs(
+        self, model_name: str, device: str, *, lines: int = 100, poll: float = 10.0
+    ) -> AsyncIterator[LogsResult]:
+        """The tail of a service's log, then what it gains as it grows, until the service is
+        gone (long polls of `poll` seconds: one request per answer)."""
+        chunk = await self.log_chunk(model_name, device, lines=lines)
+        yield chunk
+        offset = chunk.offset
+        while True:
+            chunk = await self.log_chunk(model_name, device, since_bytes=offset, timeout=poll)
+            offset = chunk.offset
+            if chunk.log or chunk.reset:
+                yield chunk
+            elif not chunk.running:
+                return
 
     async def health_check(
         self,

@@ -178,10 +178,14 @@ class HealthCheckArgs(Args, tag="health_check"):
 
 
 class LogsArgs(Args, tag="logs"):
-    """The tail of a service's log."""
+    """The tail of a service's log, or (with `since_bytes`) what it gained past an offset."""
 
     service_id: str
     lines: int = 100
+    since_bytes: int | None = None
+    """Read from this byte offset (at most `LOG_CHUNK_BYTES`) instead of the last `lines`."""
+    wait: float = 0.0
+    """With `since_bytes`: wait up to this many seconds for bytes past it (a long poll)."""
 
 
 class ReplicateArgs(Args, tag="replicate"):
@@ -276,6 +280,8 @@ class ServeResult(Result, tag="serve"):
     url: str
     state: str
     pid: int = 0
+    already_running: bool = False
+    """The same model, device, port and backend were served already: nothing was started."""
 
 
 class StopResult(Result, tag="stop"):
@@ -297,11 +303,25 @@ class HealthCheckResult(Result, tag="health_check"):
     tiers: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+LOG_CHUNK_BYTES = 64 * 1024
+"""The most bytes of log one `logs` answer carries."""
+
+
 class LogsResult(Result, tag="logs"):
-    """The tail of a service's log."""
+    """The tail of a service's log, or the bytes it gained past an offset."""
 
     service_id: str
     log: str
+    offset: int = 0
+    """The byte offset just past what `log` holds: ask `since_bytes=offset` for what follows."""
+    reset: bool = False
+    """The log was shorter than `since_bytes` (replaced or truncated): `log` starts from its beginning."""
+    file: str = ""
+    """The log file's name on the node."""
+    shared: bool = False
+    """The file is a GPU worker's log, which every builtin service on that GPU writes to."""
+    running: bool = False
+    """The service still exists on the node (a finished one's log is still readable)."""
 
 
 class TargetOutcome(msgspec.Struct, omit_defaults=True):

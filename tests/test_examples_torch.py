@@ -1,7 +1,8 @@
 """The original README's two job examples, unchanged, run end to end against real agents (on
 simulated GPUs) and the test suite's Hub, whose huggingface.co URLs resolve through
-HF_ENDPOINT. Both repos are the same tiny generated causal LM: the builtin backend serves
-transformers language models. Needs torch and transformers (`tox -e py`)."""
+HF_ENDPOINT; then the README's three examples one after another, as listed. Every repo is the
+same tiny generated causal LM: the builtin backend serves transformers language models.
+Needs torch and transformers (`tox -e py`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from gswarm.client import GswarmClient
 from gswarm.head.app import HeadServer
+from gswarm.ops import ServeResult
 from gswarm.protocol import Job
 from tests.conftest import AgentRunner, running_hub, wait_for
 from tests.test_serving_torch import tiny_llm  # noqa: F401 (fixture)
@@ -39,14 +41,19 @@ pytestmark = [
         reason="needs torch and transformers (the serve extra): run `tox -e py`",
     ),
     pytest.mark.skipif(
-        not (_port_free(8080) and _port_free(8081)), reason="the examples serve on ports 8080 and 8081"
+        not (_port_free(8080) and _port_free(8081) and _port_free(8082)),
+        reason="the examples serve on ports 8080, 8081 and 8082",
     ),
 ]
 
 
 @pytest.fixture
 async def example_hub(tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:  # noqa: F811
-    repos = {"meta-llama/Llama-2-7b-hf": tiny_llm, "stabilityai/stable-diffusion-2-1": tiny_llm}
+    repos = {
+        "meta-llama/Llama-2-7b-hf": tiny_llm,
+        "stabilityai/stable-diffusion-2-1": tiny_llm,
+        "Qwen/Qwen2.5-0.5B-Instruct": tiny_llm,
+    }
     async with running_hub(repos, monkeypatch) as server:
         yield server
 
@@ -94,5 +101,31 @@ async def test_original_examples_run_end_to_end(
     assert d2.started_at < d1.finished_at and d1.started_at < d2.finished_at  # both at once
     assert (await _complete(8080))["model"] == "llama-7b"
     assert (await _complete(8081))["model"] == "stable-diffusion"
+    for svc in await client.list_services():
+        await client.stop_service(svc.model, svc.device, wait=True)
+
+
+async def test_the_readme_examples_run_one_after_another(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, example_hub: Any
+) -> None:
+    """As the README lists them, nothing stopped or deleted in between: a serve that is
+    already running answers with the running service, a download or load already done is
+    done."""
+    await agents.start(head, "node1", simulate_gpus="1:2G")
+    await agents.start(head, "node2", simulate_gpus="1:2G")
+    for name in ("deploy-llama.json", "multi-model.yaml", "replicate-and-serve.yaml"):
+        await _run(client, name)
+    services = {svc.service_id: (svc.port, svc.state) for svc in await client.list_services()}
+    assert services == {
+        "llama-7b@node1:gpu0": (8080, "ready"),
+        "stable-diffusion@node2:gpu0": (8081, "ready"),
+        "qwen2.5-0.5b@node1:gpu0": (8082, "ready"),
+    }
+    for port, model in ((8080, "llama-7b"), (8081, "stable-diffusion"), (8082, "qwen2.5-0.5b")):
+        assert (await _complete(port))["model"] == model
+
+    again = await _run(client, "deploy-llama.json")  # and once more: nothing to do
+    serve_op = await client.get_op(again.actions[-1].op_ids[-1])
+    assert isinstance(serve_op.result, ServeResult) and serve_op.result.already_running
     for svc in await client.list_services():
         await client.stop_service(svc.model, svc.device, wait=True)

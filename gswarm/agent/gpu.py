@@ -223,6 +223,11 @@ class WorkerHandle:
             raise cls(str(reply.get("error")), code=code)
         return reply
 
+    async def redirect_log(self, path: Path) -> None:
+        """Make the process write its output to `path` (appending) from now on."""
+        await self.call("log", path=str(path))
+        self.log_path = path
+
     async def stop(self, grace: float = 5.0) -> None:
         """Ask the process to exit; kill it after `grace` seconds."""
         self.stopping = True
@@ -269,6 +274,10 @@ class GpuPool:
         have = ", ".join(f"gpu{g.index}" for g in gpus) or "no GPUs"
         raise BadRequest(f"this node has no gpu{index} (it has {have})", code="invalid_device")
 
+    def log_path(self, index: int) -> Path:
+        """The log of GPU `index`'s worker: loads, unloads and the builtin services it runs."""
+        return self.log_dir / f"gpu{index}-worker.log"
+
     async def worker(self, index: int) -> WorkerHandle:
         """The live worker of a GPU, started if needed."""
         info = await self.gpu(index)
@@ -277,7 +286,7 @@ class GpuPool:
             device = "cpu" if info.simulated else f"cuda:{index}"
             w = WorkerHandle(
                 device,
-                self.log_dir / f"gpu{index}-worker.log",
+                self.log_path(index),
                 lambda h: self._lost(index, h),
                 resident=info.simulated,
             )

@@ -9,6 +9,7 @@ stdin/stdout with the agent:
     <- {"id": 1, "ok": true, "bytes": 4194304}
     -> {"id": 2, "cmd": "serve", "service": "m@n:gpu0", "model": "m", "dir": "/dram/m", "port": 8080}
     -> {"id": 3, "cmd": "unserve", "service": "m@n:gpu0"} / "unload" / "status" / "exit"
+    -> {"id": 4, "cmd": "log", "path": "/disk/.gswarm-logs/m@n_disk.log"}   (stderr goes there)
 
 Everything else it prints goes to stderr (the agent's log file for it). Needs torch and
 safetensors (extra `gswarm[gpu]`); serving needs transformers (extra `gswarm[serve]`).
@@ -83,8 +84,10 @@ class Worker:
             model = req["model"]
             if model in self.models:
                 return {"bytes": self.sizes[model], "already": True}
+            t0 = time.monotonic()
             tensors, size = await asyncio.to_thread(self._load, req["id"], req["dir"], req["files"])
             self.models[model], self.sizes[model], self.dirs[model] = tensors, size, req["dir"]
+            log.info("loaded %s from %s: %d bytes in %.2f s", model, req["dir"], size, time.monotonic() - t0)
             return {"bytes": size}
         if cmd == "unload":
             model = req["model"]
@@ -94,6 +97,7 @@ class Worker:
             self.models.pop(model, None)
             self.dirs.pop(model, None)
             await asyncio.to_thread(self._free)
+            log.info("unloaded %s: %d bytes freed", model, freed)
             return {"freed": freed}
         if cmd == "serve":
             if self.warm is not None:
@@ -109,12 +113,18 @@ class Worker:
             server = BuiltinServer(model, lm, tokenizer, self.device)
             await server.start(req.get("host", "127.0.0.1"), int(req["port"]))
             self.servers[sid] = server
+            host = req.get("host", "127.0.0.1")
+            log.info("serving %s on %s port %s (service %s)", model, host, req["port"], sid)
             return {"serving": sid}
         if cmd == "unserve":
             server = self.servers.pop(req["service"], None)
             if server is not None:
                 await server.stop()
+                log.info("stopped service %s", req["service"])
             return {"stopped": server is not None}
+        if cmd == "log":
+            await asyncio.to_thread(_redirect_stderr, req["path"])
+            return {"log": req["path"]}
         if cmd == "status":
             return {"models": self.sizes, "services": sorted(self.servers)}
         raise ValueError(f"unknown command {cmd!r}")
@@ -161,6 +171,18 @@ class Worker:
             self.send(
                 {"id": req.get("id"), "ok": False, "code": code, "error": f"{type(exc).__name__}: {exc}"}
             )
+
+
+def _redirect_stderr(path: str) -> None:
+    """Send this process's stderr (its log: Python's and the libraries' own output) to `path`."""
+    import os
+
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
 
 
 def _preimport() -> None:

@@ -32,6 +32,7 @@ from gswarm.agent.gpu import WorkerHandle
 from gswarm.devices import parse_device
 from gswarm.errors import BadRequest, Conflict, GswarmError, NotFound
 from gswarm.ops import (
+    LOG_CHUNK_BYTES,
     HealthCheckArgs,
     HealthCheckResult,
     LoadArgs,
@@ -110,8 +111,10 @@ def url_host(host: str) -> str:
 
 
 def port_free(port: int) -> bool:
-    """True when nothing listens on the port (checked by binding it)."""
+    """True when nothing listens on the port (checked by binding it). Connections of a server
+    that just stopped, lingering in TIME_WAIT, do not count: servers rebind over them."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("0.0.0.0", port))
         except OSError:
@@ -121,13 +124,49 @@ def port_free(port: int) -> bool:
 
 def tail(path: Path, lines: int = 40) -> str:
     """The last lines of a log file."""
+    return tail_at(path, lines)[0]
+
+
+def tail_at(path: Path, lines: int) -> tuple[str, int]:
+    """The last lines of a log file (from its last `LOG_CHUNK_BYTES`) and its size then."""
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
+            size = f.seek(0, os.SEEK_END)
+            start = f.seek(max(0, size - LOG_CHUNK_BYTES))
+            data = f.read(size - start)
     except OSError:
-        return ""
+        return "", 0
+    if start > 0:  # begin on a whole line if there is one, else on a whole character
+        cut = data.find(b"\n") + 1
+        data = data[cut:] if cut else data.lstrip(bytes(range(0x80, 0xC0)))
+    return b"\n".join(data.splitlines()[-lines:]).decode(errors="replace"), size
+
+
+def whole_chars(data: bytes) -> int:
+    """The length of `data` without a UTF-8 character cut at its end (read on, it completes)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # the last character's first byte
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            return len(data) - back if need > back else len(data)
+    return len(data)
+
+
+def read_from(path: Path, since: int, limit: int) -> tuple[bytes, int, bool] | None:
+    """Up to `limit` bytes of a file from offset `since` (ending on a whole character), the
+    offset past them, and whether the file was shorter than `since` (replaced or truncated:
+    read from its beginning instead). None when there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            reset = size < since
+            start = 0 if reset else since
+            f.seek(start)
+            data = f.read(limit)
+    except FileNotFoundError:
+        return None
+    data = data[: whole_chars(data)]
+    return data, start + len(data), reset
 
 
 class ServiceManager:
@@ -140,11 +179,33 @@ class ServiceManager:
         self.runtimes: dict[str, Runtime] = {}
         self._spare: WorkerHandle | None = None
         self._spare_task: asyncio.Task[None] | None = None
+        self._spares = 0
+
+    @property
+    def spare_ready(self) -> bool:
+        """True when a warm CPU worker waits for the next builtin service on disk or dram."""
+        return self._spare is not None and self._spare.alive
 
     @property
     def backends(self) -> list[str]:
         """Backend names this agent accepts."""
         return ["builtin", "vllm", *sorted(self.config.templates)]
+
+    def log_path(self, sid: str) -> Path:
+        """The log file of a service that has one of its own (all but builtin on a GPU)."""
+        return self.log_dir / f"{sid.replace(':', '_')}.log"
+
+    def log_of(self, sid: str) -> tuple[Path, bool]:
+        """Where a service's output goes, and whether other services write there too (a GPU
+        worker's log); for a service that is gone, where it went."""
+        rt = self.runtimes.get(sid)
+        if rt is not None:
+            return rt.log_path, rt.template is None and rt.gpu is not None
+        own = self.log_path(sid)
+        gpu = parse_device(sid.rpartition("@")[2]).gpu_index
+        if gpu is not None and not own.exists():
+            return self.agent.gpu_pool.log_path(gpu), True
+        return own, False
 
     def services(self) -> list[Service]:
         """Every service, as reported to the head."""
@@ -177,11 +238,19 @@ class ServiceManager:
         sid = service_id(model, device)
         if sid in self.runtimes:
             rt = self.runtimes[sid]
-            if rt.service.port != port or rt.service.backend != backend:
+            if rt.service.state == "failed" and (rt.task is None or rt.task.done()):
+                # Its supervisor gave up: serving it again starts it afresh.
+                self.runtimes.pop(sid)
+                await self._halt(rt)
+            elif rt.service.port != port or rt.service.backend != backend:
                 raise Conflict(
-                    f"{model} is already served on {device} at port {rt.service.port}", code="already_serving"
+                    f"{model} is already served on {device} by {rt.service.backend} on port "
+                    f"{rt.service.port} ({rt.service.state}, {rt.service.url})",
+                    code="already_serving",
+                    details={"service_id": sid, "port": rt.service.port, "backend": rt.service.backend},
                 )
-            return rt.service
+            else:
+                return rt.service
         if not 1 <= port <= 65535:
             raise BadRequest(f"port {port} is out of range (1-65535)", code="invalid_port")
         if not await asyncio.to_thread(port_free, port):
@@ -212,7 +281,10 @@ class ServiceManager:
             config=config,
             started_at=time.time(),
         )
-        log_path = self.log_dir / f"{sid.replace(':', '_')}.log"
+        log_path = self.log_path(sid)
+        if template is None and dev.gpu_index is not None:
+            # The builtin server runs inside the GPU's worker: its output is that worker's log.
+            log_path = self.agent.gpu_pool.log_path(dev.gpu_index)
         rt = Runtime(svc, model_dir, template, dev.gpu_index, log_path, bind)
         self.runtimes[sid] = rt
         self._emit(rt)
@@ -282,12 +354,19 @@ class ServiceManager:
         if spare is None or not spare.alive:
             spare = WorkerHandle("cpu", log_path)
             await spare.start()
+        else:
+            # From now on the spare's output is the service's log; what it wrote while idle
+            # (its start) goes with its own file.
+            idle_log = spare.log_path
+            await spare.redirect_log(log_path)
+            await asyncio.to_thread(idle_log.unlink, missing_ok=True)
         if self._spare_task is None or self._spare_task.done():
             self._spare_task = asyncio.create_task(self._start_spare())
         return spare
 
     async def _start_spare(self) -> None:
-        spare = WorkerHandle("cpu", self.log_dir / "spare-cpu-worker.log")
+        self._spares += 1
+        spare = WorkerHandle("cpu", self.log_dir / f"spare-cpu-worker-{os.getpid()}-{self._spares}.log")
         try:
             await spare.start()
         except GswarmError as exc:
@@ -365,6 +444,9 @@ class ServiceManager:
             backoff = min(backoff * 2, 30.0)
             try:
                 await self._halt(rt)
+                if rt.gpu is not None:
+                    # The copy it started from may be gone (moved): take the node's fastest one now.
+                    _, rt.model_dir = await local_copy(self.agent, rt.service.model, None)
                 await self._launch(rt)
                 await self._wait_ready(rt)
                 backoff = 1.0
@@ -422,6 +504,7 @@ class ServiceManager:
             await asyncio.gather(self._spare_task, return_exceptions=True)
         if self._spare is not None:
             await self._spare.stop()
+            await asyncio.to_thread(self._spare.log_path.unlink, missing_ok=True)
 
 
 # ---------------------------------------------------------------- model files
@@ -539,12 +622,45 @@ async def health_check(ctx: OpContext, args: HealthCheckArgs) -> HealthCheckResu
     )
 
 
+LOG_POLL = 0.25
+"""Seconds between looks at a log file while a `logs` op waits for it to grow."""
+
+
 async def logs(ctx: OpContext, args: LogsArgs) -> LogsResult:
-    """The tail of a service's log."""
+    """The tail of a service's log; or, with `since_bytes`, what it gained past that offset,
+    waiting up to `wait` seconds for something (a long poll, so a follower costs one op per
+    answer, not one per look)."""
     manager = ctx.agent.services
-    rt = manager.runtimes.get(args.service_id)
-    path = rt.log_path if rt is not None else manager.log_dir / f"{args.service_id.replace(':', '_')}.log"
+    sid = args.service_id
+    path, shared = await asyncio.to_thread(manager.log_of, sid)
     if not await asyncio.to_thread(path.exists):
-        raise NotFound(f"no log for {args.service_id} on this node", code="service_not_found")
-    text = await asyncio.to_thread(tail, path, max(1, min(args.lines, 5000)))
-    return LogsResult(service_id=args.service_id, log=text)
+        raise NotFound(f"no log for {sid} on this node", code="service_not_found")
+    if args.since_bytes is None:
+        text, size = await asyncio.to_thread(tail_at, path, max(1, min(args.lines, 10_000)))
+        return LogsResult(
+            service_id=sid,
+            log=text,
+            offset=size,
+            file=path.name,
+            shared=shared,
+            running=sid in manager.runtimes,
+        )
+    since = max(0, args.since_bytes)
+    deadline = time.monotonic() + max(0.0, min(args.wait, 60.0))
+    while True:
+        got = await asyncio.to_thread(read_from, path, since, LOG_CHUNK_BYTES)
+        data, offset, reset = got if got is not None else (b"", 0, since > 0)
+        running = sid in manager.runtimes
+        if data or reset or not running or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(LOG_POLL)
+        path, shared = await asyncio.to_thread(manager.log_of, sid)
+    return LogsResult(
+        service_id=sid,
+        log=data.decode(errors="replace"),
+        offset=offset,
+        reset=reset,
+        file=path.name,
+        shared=shared,
+        running=running,
+    )

@@ -394,10 +394,10 @@ async def delete(ctx: OpContext, args: DeleteArgs) -> DeleteResult:
     """Remove a published copy (and any unfinished work) of a model from a tier."""
     if args.tier.startswith("gpu"):
         index = int(args.tier[3:])
-        for svc in [
+        for svc in [  # the builtin server serves from the resident copy; other backends load their own
             s
             for s in ctx.agent.services.services()
-            if s.model == args.model_name and s.device.endswith(f":{args.tier}")
+            if s.model == args.model_name and s.device.endswith(f":{args.tier}") and s.backend == "builtin"
         ]:
             await ctx.agent.services.stop(svc.service_id)
         freed = await ctx.agent.gpu_pool.unload(index, args.model_name)

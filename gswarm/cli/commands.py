@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -216,6 +217,37 @@ def probe(
         raise typer.Exit(1)
 
 
+FORCEABLE = frozenset({"serving", "busy", "node_offline"})
+"""The conflicts that `--force` overrides: a service serving from the copy, a write in
+progress, copies on offline nodes."""
+
+
+async def _forcing(attempt: Callable[[bool], Awaitable[T]], force: bool) -> T:
+    """Run a removal without force first. When running services serve from what it removes
+    (a 409 `serving`), ask on a terminal whether to stop them and go on; without a terminal,
+    refuse unless `--force`. Say which services are stopped either way."""
+    try:
+        return await attempt(False)
+    except GswarmError as exc:
+        if exc.status != 409 or exc.code not in FORCEABLE:
+            raise
+        if exc.code != "serving":
+            if not force:
+                raise
+            return await attempt(True)
+        services = ", ".join(str(s) for s in exc.details.get("services", [])) or "its services"
+        if not force:
+            if not sys.stdin.isatty():
+                raise
+            err.print(exc.message, highlight=False, soft_wrap=True)
+            err.print(f"stop {services} and go on? [y/N] ", end="", highlight=False, markup=False)
+            answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
+            if answer not in ("y", "yes"):
+                raise GswarmError(f"nothing was changed; {services} still running", code="declined") from None
+        err.print(f"stopping {services} first", highlight=False)
+        return await attempt(True)
+
+
 def _run_op(
     head_url: str | None,
     tok: str | None,
@@ -285,16 +317,21 @@ def move(
     source: Annotated[str, typer.Argument(metavar="FROM", help="Source device, e.g. node1:disk")],
     target: Annotated[str, typer.Argument(metavar="TO", help="Target device, e.g. node1:dram")],
     keep_source: Annotated[bool, typer.Option("--keep-source", help="Keep the source copy.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Stop a service that serves from the source, without asking.")
+    ] = False,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Move a model between devices (the source goes only after the target is verified)."""
-    _run_op(
-        head_url, token, lambda c: c.move(model, source, target, keep_source=keep_source), detach, json_out,
-        f"move {model} {source} -> {target}",
-    )  # fmt: skip
+    """Move a model between devices (the source goes only after the target is verified).
+    A service serving from the source is stopped only when you say so (asked on a terminal)."""
+
+    def start(c: Any) -> Awaitable[Op]:
+        return _forcing(lambda f: c.move(model, source, target, keep_source=keep_source, force=f), force)
+
+    _run_op(head_url, token, start, detach, json_out, f"move {model} {source} -> {target}")
 
 
 @app.command()
@@ -441,12 +478,39 @@ def logs(
     model: Annotated[str, typer.Argument(help="Model name")],
     device: Annotated[str, typer.Argument(help="Device it is served on")],
     lines: Annotated[int, typer.Option(help="How many lines")] = 100,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Then print what it gains, until the service stops.")
+    ] = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
 ) -> None:
-    """Print the tail of a service's log."""
-    text: str = with_client(head_url, token, lambda c: c.logs(model, device, lines))
-    sys.stdout.write(text + ("\n" if text and not text.endswith("\n") else ""))
+    """Print the tail of a service's log (for the builtin backend on a GPU: that GPU's worker's
+    log, which its builtin services share)."""
+
+    async def show(c: Any) -> None:
+        first = True
+        async for chunk in c.follow_logs(model, device, lines=lines) if follow else _one(c):
+            if first and chunk.shared:
+                err.print(
+                    f"({chunk.file}: the log of the worker holding {device}'s weights, "
+                    "shared by the builtin services there)",
+                    highlight=False,
+                )
+            if chunk.reset:
+                err.print(f"({chunk.file} was replaced: from its start)", highlight=False)
+            text = chunk.log
+            if first and text and not text.endswith("\n"):
+                text += "\n"  # a tail is whole lines; what follows starts on a line of its own
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            first = False
+        if follow:
+            err.print(f"({model} on {device} is no longer running)", highlight=False)
+
+    async def _one(c: Any) -> AsyncIterator[Any]:
+        yield await c.log_chunk(model, device, lines=lines)
+
+    with_client(head_url, token, show)
 
 
 @app.command()
@@ -472,35 +536,45 @@ def health(
 def rm(
     model: Annotated[str, typer.Argument(help="Model name")],
     device: Annotated[str, typer.Argument(help="Device whose copy goes, e.g. node1:dram")],
-    force: Annotated[bool, typer.Option("--force", help="Cancel a write in progress first.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Cancel a write in progress; stop a service serving from it.")
+    ] = False,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Remove one copy of a model."""
-    _run_op(
-        head_url, token, lambda c: c.delete_location(model, device, force=force), detach, json_out,
-        f"rm {model} on {device}",
-    )  # fmt: skip
+    """Remove one copy of a model. A service serving from it is stopped only when you say so
+    (asked on a terminal)."""
+
+    def start(c: Any) -> Awaitable[Op]:
+        return _forcing(lambda f: c.delete_location(model, device, force=f), force)
+
+    _run_op(head_url, token, start, detach, json_out, f"rm {model} on {device}")
 
 
 @app.command()
 def delete(
     model: Annotated[str, typer.Argument(help="Model name")],
     force: Annotated[
-        bool, typer.Option("--force", help="Cancel writes; forget copies on offline nodes.")
+        bool,
+        typer.Option("--force", help="Cancel writes; stop its services; forget copies on offline nodes."),
     ] = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Remove every copy of a model, then the model."""
-    result: dict[str, Any] = with_client(head_url, token, lambda c: c.delete_model(model, force=force))
+    """Remove every copy of a model, then the model. Its running services are stopped only
+    when you say so (asked on a terminal)."""
+    result: dict[str, Any] = with_client(
+        head_url, token, lambda c: _forcing(lambda f: c.delete_model(model, force=f), force)
+    )
     if json_out:
         print_json(result)
-    else:
-        out.print(f"deleted {model} ({len(result.get('ops', []))} copies removed)", highlight=False)
+        return
+    stopped = result.get("stopped_services") or []
+    also = f"; stopped {', '.join(stopped)}" if stopped else ""
+    out.print(f"deleted {model} ({len(result.get('ops', []))} copies removed{also})", highlight=False)
 
 
 @app.command()

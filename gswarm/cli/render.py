@@ -23,7 +23,7 @@ from rich.table import Table
 
 from gswarm.cli.common import err, out
 from gswarm.errors import GswarmError
-from gswarm.ops import HealthCheckResult, Op, WrittenCopy
+from gswarm.ops import HealthCheckResult, Op, ServeResult, WrittenCopy
 from gswarm.protocol import Job, JobAction, Notice, to_builtins
 
 
@@ -65,7 +65,7 @@ async def _ask_cancel(c: Any, op: Op) -> None:
     """After Ctrl-C: cancel the op, or leave it running (the default without a terminal)."""
     answer = "n"
     if sys.stdin.isatty():
-        err.print(f"\ncancel op {op.op_id}? [y/N] ", end="")
+        err.print(f"\ncancel op {op.op_id}? [y/N] ", end="", markup=False)
         answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
     if answer in ("y", "yes"):
         await c.cancel_op(op.op_id)
@@ -127,6 +127,10 @@ def done_line(op: Op) -> str:
     """What a succeeded op did, in words: written or already there, from which peer, and
     whether a move removed its source."""
     result = op.result
+    if isinstance(result, ServeResult):
+        if result.already_running:
+            return f"already running at {result.url} ({result.state}), nothing started"
+        return f"{result.state} at {result.url}"
     if not isinstance(result, WrittenCopy):
         return "done"
     removed = (

@@ -7,12 +7,13 @@ coordinator ask these; none of them keeps a rule of its own.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Collection, Container
 from dataclasses import dataclass
 
 from gswarm.devices import STORAGE_TIERS, Device, parse_device
 from gswarm.errors import BadRequest, Conflict, InsufficientSpace
-from gswarm.protocol import Location
+from gswarm.ops import ServeArgs
+from gswarm.protocol import Location, Service, service_id
 from gswarm.registry import Registry
 from gswarm.sources import FileSource, HttpSource, HubSource, Source, parse_source
 
@@ -172,3 +173,76 @@ def local_source(reg: Registry, model: str, dev: Device, source: str | None) -> 
         f"{model} is not on {dev.node}'s dram or disk: {where(reg, model)}; copy it there first",
         code="not_held",
     )
+
+
+# ---------------------------------------------------------------- services
+
+LIVE_SERVICE = frozenset({"starting", "ready", "unhealthy", "restarting"})
+"""Service states that mean it runs, or is about to (not failed, stopping or stopped)."""
+
+
+def live_services(reg: Registry, model: str | None = None) -> list[Service]:
+    """The live services (of one model, or all), with those a `serve` op is starting that the
+    agent has not reported yet (as `starting`), sorted by id."""
+    found = {
+        sid: svc
+        for sid, svc in reg.services.items()
+        if svc.state in LIVE_SERVICE and model in (None, svc.model)
+    }
+    for op in reg.open_ops():
+        args = op.args
+        if isinstance(args, ServeArgs) and model in (None, args.model_name):
+            sid = service_id(args.model_name, args.device)
+            if sid not in found and sid not in reg.services:
+                found[sid] = Service(
+                    service_id=sid,
+                    model=args.model_name,
+                    device=args.device,
+                    backend=args.backend,
+                    port=args.port,
+                    state="starting",
+                    config=args.config,
+                )
+    return [found[sid] for sid in sorted(found)]
+
+
+def describe_service(svc: Service) -> str:
+    """A service in words: `m@node1:gpu0 (builtin on port 8080, ready)`."""
+    return f"{svc.service_id} ({svc.backend} on port {svc.port}, {svc.state})"
+
+
+def backed_services(
+    reg: Registry, model: str, removed: Collection[str], arriving: str | None = None
+) -> list[Service]:
+    """The live services of `model` that would lose the copy they serve from if its copies on
+    the devices `removed` went (`arriving`: a copy that a move writes as its source goes).
+
+    A service serves from the copy on its own device: a `disk`/`dram` copy, or on a GPU the
+    resident weights for the builtin backend (other backends load their own). A service on a
+    GPU also reads its node's `dram` or `disk` copy (configuration, tokenizer, and the weights
+    again after a restart), so it loses that when the last of them goes."""
+    gone = set(removed)
+    hit = []
+    for svc in live_services(reg, model):
+        node, _, tier = svc.device.partition(":")
+        if not tier.startswith("gpu"):
+            if svc.device in gone:
+                hit.append(svc)
+            continue
+        if svc.device in gone and svc.backend == "builtin":
+            hit.append(svc)
+            continue
+        stored = [f"{node}:{t}" for t in STORAGE_TIERS if is_ready(reg, model, f"{node}:{t}")]
+        if arriving is not None and arriving.partition(":")[0] == node:
+            stored.append(arriving)
+        if stored and all(dev in gone for dev in stored):
+            hit.append(svc)
+    return hit
+
+
+def port_holder(reg: Registry, node: str, port: int, sid: str) -> Service | None:
+    """Another live service on `node` that listens on `port`, if any."""
+    for svc in live_services(reg):
+        if svc.port == port and svc.service_id != sid and svc.device.partition(":")[0] == node:
+            return svc
+    return None

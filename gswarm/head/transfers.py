@@ -28,12 +28,13 @@ from gswarm.head.copies import (
 from gswarm.head.dispatcher import Outcome
 from gswarm.head.http import Submitted, json_response, op_response, query_flag, read_json, submitted_response
 from gswarm.head.policy import check_room, known_size, storage_device, where
-from gswarm.head.services import start_load
+from gswarm.head.services import clear_backed, start_load
 from gswarm.head.state import HEAD_KEY, Head
 from gswarm.ops import (
     CopyArgs,
     CopyResult,
     DeleteArgs,
+    DeleteResult,
     DownloadArgs,
     DownloadResult,
     FetchArgs,
@@ -87,8 +88,10 @@ async def submit_download(head: Head, body: DownloadBody) -> Submitted:
     return Submitted(op)
 
 
-async def submit_copy(head: Head, body: CopyBody, move: bool) -> Submitted:
-    """Validate a copy or move (between tiers, between nodes, or onto a GPU) and create its op."""
+async def submit_copy(head: Head, body: CopyBody, move: bool, force: bool = False) -> Submitted:
+    """Validate a copy or move (between tiers, between nodes, or onto a GPU) and create its op.
+    A move that would take away the copy a running service serves from is refused unless
+    `force`, which stops the service first."""
     model = validate_model_name(body.model_name, "model_name")
     src = storage_device(body.source_device, "source_device")
     reg = head.registry
@@ -110,6 +113,9 @@ async def submit_copy(head: Head, body: CopyBody, move: bool) -> Submitted:
         )
     require_node(head, dst)
     remove_source = move and not body.keep_source
+    if remove_source:
+        what = f"moving {model} from {src} to {dst}"
+        await clear_backed(head, model, [str(src)], force, what, arriving=str(dst))
     if src.node != dst.node:
         return await _between_nodes(head, model, src, dst, remove_source, body)
     args = CopyArgs(
@@ -180,13 +186,17 @@ async def copy(request: web.Request) -> web.Response:
 
 async def move(request: web.Request) -> web.Response:
     """`POST /move`: move a model between tiers; the source goes only after the target is
-    verified (`keep_source` keeps it)."""
+    verified (`keep_source` keeps it). 409 `serving` when a service serves from the source,
+    unless `?force=true`, which stops it first."""
     body = await read_json(request, CopyBody)
-    return await submitted_response(request, await submit_copy(request.app[HEAD_KEY], body, move=True))
+    head = request.app[HEAD_KEY]
+    sub = await submit_copy(head, body, move=True, force=query_flag(request, "force"))
+    return await submitted_response(request, sub)
 
 
 async def delete_location(request: web.Request) -> web.Response:
-    """`DELETE /models/{model_name}/locations/{device}`: remove one copy."""
+    """`DELETE /models/{model_name}/locations/{device}`: remove one copy. 409 while it is being
+    written or a service serves from it, unless `?force=true` (cancel, stop the service)."""
     head = request.app[HEAD_KEY]
     model = validate_model_name(request.match_info["model_name"], "model_name")
     dev = parse_device(request.match_info["device"], "device")
@@ -196,13 +206,19 @@ async def delete_location(request: web.Request) -> web.Response:
 
 
 async def delete_copy(head: Head, model: str, dev: Device, force: bool) -> Op:
-    """Remove one copy (a `delete` op); 409 while an op writes it, unless `force` cancels that."""
+    """Remove one copy (a `delete` op); 409 while an op writes it or a service serves from it,
+    unless `force`, which cancels the write and stops the service first."""
     device = str(dev)
     loc = head.registry.locations.get((model, device))
     if loc is None:
         raise NotFound(
             f"no copy of {model} on {device}: {where(head.registry, model)}", code="location_not_found"
         )
+    if await clear_backed(head, model, [device], force, f"removing {model} from {device}"):
+        loc = head.registry.locations.get((model, device))
+        if loc is None:  # stopping the builtin server freed its GPU copy
+            done = DeleteResult(model=model, tier=dev.tier, removed=True)
+            return already_there(head, dev.node, DeleteArgs(model_name=model, tier=dev.tier), done)
     writer = head.registry.open_writer(model, device)
     if writer is not None:
         if not force:
@@ -220,7 +236,8 @@ async def delete_copy(head: Head, model: str, dev: Device, force: bool) -> Op:
 
 async def delete_model(request: web.Request) -> web.Response:
     """`DELETE /models/{model_name}`: remove every copy, then the registration. Refused (409)
-    while a copy is being written, unless `?force=true`."""
+    while a copy is being written or a service serves the model, unless `?force=true`, which
+    cancels the writes and stops the services first."""
     head = request.app[HEAD_KEY]
     model = validate_model_name(request.match_info["model_name"], "model_name")
     head.registry.get_model(model)
@@ -240,6 +257,10 @@ async def delete_model(request: web.Request) -> web.Response:
             code="node_offline",
         )
     view = to_builtins(head.registry.model_view(model))
+    stopped = await clear_backed(head, model, [loc.device for loc in locs], force, f"deleting {model}")
+    if stopped:  # stopping a builtin server on a GPU freed that copy
+        locs = head.registry.model_locations(model)
+        offline = [loc.device for loc in locs if head.agents.get(loc.device.partition(":")[0]) is None]
     ops = [
         await delete_copy(head, model, parse_device(loc.device), force=True)
         for loc in locs
@@ -257,7 +278,8 @@ async def delete_model(request: web.Request) -> web.Response:
         )
     if model in head.registry.models:
         head.commit(head.registry.delete_model(model))
-    return json_response({"deleted": model, "model": view, "ops": finals})
+    stopped_ids = [svc.service_id for svc in stopped]
+    return json_response({"deleted": model, "model": view, "ops": finals, "stopped_services": stopped_ids})
 
 
 def _mark_unless_ready(head: Head, model: str, device: str) -> Callable[[Op], list[Event]] | None:
