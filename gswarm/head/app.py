@@ -3,6 +3,7 @@ table and the head's state are put together. Nothing imports this module but the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class HeadServer:
         if self.port == 0 and server is not None:
             sockets = getattr(server, "sockets", None) or []
             self.port = sockets[0].getsockname()[1]
+        await asyncio.to_thread(self.head.lock.record_port, self.port)
         return self.url
 
     async def stop(self) -> None:

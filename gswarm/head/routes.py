@@ -188,12 +188,17 @@ def _topics(request: web.Request) -> frozenset[str]:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    """`GET /events?since=SEQ&topic=&limit=`: the events after `since`."""
+    """`GET /events?since=SEQ&topic=&limit=`: the events after `since`, one page: at most
+    `limit` events and `replay_page_bytes` of them; `more` says whether the next page (from the
+    last event's seq) has any."""
     head = head_of(request)
     since = query_int(request, "since", 0)
     limit = min(query_int(request, "limit", 1000), 10_000)
-    events = await head.bus.replay(since, head.bus.last_seq, _topics(request), limit)
-    return json_response({"events": events, "last_seq": head.bus.last_seq})
+    until = head.bus.last_seq
+    events, seen = await head.bus.replay(
+        since, until, _topics(request), limit, head.settings.replay_page_bytes
+    )
+    return json_response({"events": events, "last_seq": until, "more": seen < until})
 
 
 async def events_socket(request: web.Request) -> web.WebSocketResponse:
@@ -238,8 +243,10 @@ async def _send_events(
     upto: int,
     topics: frozenset[str],
 ) -> None:
-    if since >= 0:
-        for ev in await head.bus.replay(since, upto, topics):
+    cursor = since
+    while 0 <= cursor < upto:  # page by page: a long replay never sits in memory at once
+        page, cursor = await head.bus.replay(cursor, upto, topics, 1000, head.settings.replay_page_bytes)
+        for ev in page:
             await ws.send_str(encode(ev).decode())
     await ws.send_str(encode(Notice(code="live", message="following live", last_seq=upto)).decode())
     while True:
