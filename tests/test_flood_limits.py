@@ -7,17 +7,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gswarm.client import GswarmClient
 from gswarm.head.app import HeadServer
 from gswarm.head.state import StateDirInUse
+from gswarm.ops import DownloadArgs
 from gswarm.protocol import Notice
-from tests.conftest import Cli, fast_settings, wait_for
+from tests.conftest import AgentRunner, Cli, fast_settings, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,6 +91,55 @@ async def test_event_log_forgets_old_events(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- transfers stop when told (item 6)
+
+
+def _fetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("gswarm-fetch")]
+
+
+async def test_throttled_download_stops_within_a_second_of_cancel(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, hub: Any
+) -> None:
+    agent = await agents.start(head, "w1")
+    op = await client.download("tiny", "org/tiny", "w1:disk", bandwidth_limit=64 << 10)
+    await wait_for(
+        lambda: head.head.registry.ops[op.op_id].progress.done > 0 and _fetch_threads(), timeout=30
+    )
+    t0 = time.monotonic()
+    assert (await client.cancel_op(op.op_id)).state == "cancelled"
+    await wait_for(lambda: not _fetch_threads() and op.op_id not in agent.executor.running, timeout=1.0)
+    print(f"\nthrottled download stopped {time.monotonic() - t0:.3f} s after cancel")
+    assert not agent.stores["disk"].partial_dir("tiny").exists()
+
+
+@pytest.mark.parametrize("limit", [1, 0, (64 << 10) - 1, (1 << 40) + 1, -1])
+async def test_agent_refuses_a_bandwidth_limit_out_of_bounds(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, hub: Any, limit: int
+) -> None:
+    """A hostile (or older) head sends a limit out of bounds: the op fails at once, clearly."""
+    await agents.start(head, "w1")
+    args = DownloadArgs(model_name="tiny", source_url="org/tiny", tier="disk", bandwidth_limit=limit)
+    op = await head.head.dispatcher.submit("w1", args, 30)
+    final = await asyncio.wait_for(client.wait_op(op.op_id), 10)
+    assert final.state == "failed" and final.error is not None
+    assert final.error.code == "invalid_field" and "64 KiB/s to 1 TiB/s" in final.error.message
+    assert hub.bytes_served.get("model.safetensors", 0) == 0
+
+
+async def test_sigterm_during_a_throttled_download_exits_quickly(
+    head: HeadServer, client: GswarmClient, cli: Cli, hub: Any
+) -> None:
+    env = {"HF_ENDPOINT": hub.url, "GSWARM_TOKEN": head.head.tokens.join_token}
+    agent = cli.spawn("client", head.url, "--node-id", "n1", env=env, name="agent")
+    await wait_for(lambda: "n1" in head.head.agents, timeout=20)
+    op = await client.download("tiny", "org/tiny", "n1:disk", bandwidth_limit=64 << 10)
+    await wait_for(lambda: head.head.registry.ops[op.op_id].progress.done > 0, timeout=30)
+    t0 = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    code = await asyncio.to_thread(agent.p.wait, 10)
+    print(f"\nagent exited {time.monotonic() - t0:.2f} s after SIGTERM mid throttled download")
+    assert code == 0 and time.monotonic() - t0 < 5, agent.output()
+    assert not head.head.registry.ops[op.op_id].terminal  # it resumes with the next run
 
 
 # ---------------------------------------------------------------- partial copies (item 7)

@@ -23,6 +23,7 @@ from gswarm.agent.fetch.common import (
     Cancelled,
     RateLimit,
     TransferError,
+    check_bandwidth,
     local_write_error,
     run_blocking,
 )
@@ -107,13 +108,14 @@ async def _new_copy(
 ) -> W:
     """The frame of every op that writes a new copy: one writer per model and tier, nothing to do
     when the copy is there, `produce` fills the partial directory, then verify-and-publish."""
+    check_bandwidth(bandwidth)
     async with _lock(ctx, store.name, model):
         existing = await asyncio.to_thread(store.manifest, model)
         if existing is not None:
             return _result(kind, store, store.model_dir(model), existing, already_present=True)
         cancel = threading.Event()
         partial = store.partial_dir(model)
-        limit = RateLimit(bandwidth) if bandwidth else None
+        limit = RateLimit(bandwidth, cancel) if bandwidth else None
         try:
             manifest = await produce(partial, cancel, limit)
             manifest.model = model
