@@ -129,9 +129,14 @@ async def _new_copy(
                 await asyncio.to_thread(store.discard_partial, model)
             raise
         except OSError as exc:
+            ctx.partial = await asyncio.to_thread(store.partial_holding, model)
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise local_write_error(exc, f"{model} to {store.name}") from None
+        except Exception:
+            # Kept to resume; the head lists it as a partial copy that a delete frees.
+            ctx.partial = await asyncio.to_thread(store.partial_holding, model)
+            raise
         return _result(kind, store, path, manifest, from_peer=ctx.peer)
 
 
@@ -392,5 +397,9 @@ async def delete(ctx: OpContext, args: DeleteArgs) -> DeleteResult:
     store = _store(ctx, args.tier)
     async with _lock(ctx, args.tier, args.model_name):
         removed = await asyncio.to_thread(store.remove, args.model_name)
+        partial = await asyncio.to_thread(store.partial_holding, args.model_name)
         await asyncio.to_thread(store.discard_partial, args.model_name)
-    return DeleteResult(model=args.model_name, tier=args.tier, removed=removed)
+    freed = partial.size if partial is not None else 0
+    return DeleteResult(
+        model=args.model_name, tier=args.tier, removed=removed or partial is not None, freed=freed
+    )

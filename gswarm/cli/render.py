@@ -23,7 +23,7 @@ from rich.table import Table
 
 from gswarm.cli.common import err, out
 from gswarm.errors import GswarmError
-from gswarm.ops import HealthCheckResult, Op, WrittenCopy
+from gswarm.ops import DeleteResult, HealthCheckResult, Op, WrittenCopy
 from gswarm.protocol import Job, JobAction, Notice, to_builtins
 
 
@@ -127,6 +127,8 @@ def done_line(op: Op) -> str:
     """What a succeeded op did, in words: written or already there, from which peer, and
     whether a move removed its source."""
     result = op.result
+    if isinstance(result, DeleteResult) and result.freed:
+        return f"done (freed {human_size(result.freed)})"
     if not isinstance(result, WrittenCopy):
         return "done"
     removed = (

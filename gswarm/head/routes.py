@@ -12,7 +12,7 @@ from aiohttp import WSMsgType, web
 from gswarm import __version__
 from gswarm.api import RegisterModelBody, RegisterNodeBody
 from gswarm.devices import validate_model_name, validate_node_id
-from gswarm.errors import BadRequest
+from gswarm.errors import BadRequest, GswarmError
 from gswarm.head.dispatcher import Outcome
 from gswarm.head.events import Subscriber
 from gswarm.head.http import (
@@ -27,7 +27,7 @@ from gswarm.head.http import (
 )
 from gswarm.head.state import Head
 from gswarm.ops import Op, ProbeArgs, ProbeResult
-from gswarm.protocol import Event, Notice, encode
+from gswarm.protocol import Event, Notice, encode, holdings_problem, inventory_problem
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ async def root(request: web.Request) -> web.Response:
             "last_seq": head.bus.last_seq,
             "subscribers": head.bus.subscriber_count,
             "subscribers_dropped": head.bus.dropped_count,
+            "heartbeats_dropped": head.agents.heartbeats_dropped,
         }
     )
 
@@ -138,10 +139,18 @@ def probe_result(head: Head, op: Op, outcome: Outcome) -> list[Event]:
     result = outcome.result
     if not isinstance(result, ProbeResult):
         return []
+    inv = result.inventory
+    problem = (
+        inventory_problem(inv)
+        or holdings_problem(inv, result.holdings)
+        or holdings_problem(inv, result.partials, partial=True)
+    )
+    if problem is not None:
+        raise GswarmError(f"the agent's report is refused: {problem}", code="bad_result")
     reg = head.registry
-    events = reg.node_heartbeat(op.node_id, result.inventory)
+    events = reg.node_heartbeat(op.node_id, inv)
     reg.node_holdings(op.node_id, result.holdings)
-    events.extend(reg.reconcile_holdings(op.node_id, result.holdings))
+    events.extend(reg.reconcile_holdings(op.node_id, result.holdings, result.partials))
     return events
 
 
