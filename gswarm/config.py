@@ -14,6 +14,13 @@ import msgspec
 DEFAULT_PORT = 8100
 DEFAULT_HEAD_URL = f"http://localhost:{DEFAULT_PORT}"
 TOKENS_FILE = "tokens.json"
+LOCK_FILE = "head.lock"
+"""In a head's state dir: held (flock) by the head using it; names its pid, host and port."""
+BANDWIDTH_MIN = 64 << 10
+"""Smallest `bandwidth_limit` (bytes/s) a transfer accepts: below it a throttled read would wait
+for seconds, and a limit that small is a mistake, not a wish."""
+BANDWIDTH_MAX = 1 << 40
+"""Largest `bandwidth_limit` (bytes/s) a transfer accepts (1 TiB/s: no link is faster)."""
 
 
 def default_state_dir() -> Path:
@@ -70,6 +77,14 @@ class Settings:
     """Ended ops kept (in memory and SQLite); older ones are forgotten."""
     event_ring: int = 20_000
     """Events kept in memory for replay; older ones are read back from SQLite."""
+    events_kept: int = 200_000
+    """Events kept in the SQLite log; the writer prunes older ones (a reconnecting subscriber
+    further behind than this misses them)."""
+    events_max_age: float = 7 * 86400.0
+    """Seconds an event stays in the SQLite log at most."""
+    replay_page_bytes: int = 4 << 20
+    """Largest replay page (`GET /events`, and each page of the `/ws/events` replay), in bytes
+    of encoded events: a replay never holds more than this in memory at once."""
     progress_interval: float = 0.2
     """An agent sends at most one progress message per op per this many seconds."""
     reconnect_min: float = 0.5

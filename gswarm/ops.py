@@ -224,6 +224,8 @@ class ProbeResult(Result, tag="probe"):
 
     inventory: Inventory
     holdings: list[Holding]
+    partials: list[Holding] = msgspec.field(default_factory=list)
+    """Unfinished copies (kept to resume; removable with a delete)."""
 
 
 class WrittenCopy(Result):

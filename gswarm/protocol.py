@@ -11,10 +11,13 @@ Every field added later gets a default, so an agent one version apart still talk
 
 from __future__ import annotations
 
+import posixpath
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 
+from gswarm.devices import MODEL_NAME_RE, STORAGE_TIERS
 from gswarm.states import JOB_TERMINAL, ActionState, JobState, LocationState, NodeStatus, ServiceState
 from gswarm.workflow import ActionFields
 
@@ -56,7 +59,8 @@ class Inventory(msgspec.Struct):
 
 
 class Holding(msgspec.Struct):
-    """A published copy of a model on one tier of a node."""
+    """A copy of a model on one tier of a node: published, or (in a `partials` list) the
+    unfinished work a failed or interrupted write left, with the bytes it takes."""
 
     model: str
     tier: str
@@ -65,6 +69,91 @@ class Holding(msgspec.Struct):
     files: int = 0
     source: str = ""
     revision: str = ""
+
+
+# ---------------------------------------------------------------- caps on what an agent reports
+
+MAX_NAME_CHARS = 255
+"""A hostname, an address, a tier or GPU name, a GPU uuid, a GPU holding's path."""
+MAX_PATH_CHARS = 4096
+"""A tier's or a holding's path."""
+MAX_TEXT_CHARS = 2048
+"""`gpu_error`, a holding's source and revision."""
+MAX_ADDRESSES = 64
+MAX_TIERS = 16
+MAX_GPUS = 256
+MAX_HOLDINGS = 10_000
+"""Published copies and partial copies, each list."""
+MAX_SERVICES = 1_000
+
+
+def _too_long(what: str, value: str, cap: int) -> str | None:
+    if len(value) > cap:
+        return f"{what} has {len(value)} characters (at most {cap})"
+    return None
+
+
+def inventory_problem(inv: Inventory) -> str | None:
+    """Why the head refuses an agent's inventory (a cap broken), or None when it is fine."""
+    counts = (
+        ("addresses", len(inv.addresses), MAX_ADDRESSES),
+        ("tiers", len(inv.tiers), MAX_TIERS),
+        ("gpus", len(inv.gpus), MAX_GPUS),
+    )
+    for what, n, cap in counts:
+        if n > cap:
+            return f"inventory lists {n} {what} (at most {cap})"
+    checks = [("hostname", inv.hostname, MAX_NAME_CHARS), ("gpu_error", inv.gpu_error, MAX_TEXT_CHARS)]
+    checks += [("an address", a, MAX_NAME_CHARS) for a in inv.addresses]
+    for t in inv.tiers:
+        checks += [("a tier name", t.name, MAX_NAME_CHARS), ("a tier path", t.path, MAX_PATH_CHARS)]
+    for g in inv.gpus:
+        checks += [("a GPU name", g.name, MAX_NAME_CHARS), ("a GPU uuid", g.uuid, MAX_NAME_CHARS)]
+    for what, value, cap in checks:
+        problem = _too_long(what, value, cap)
+        if problem is not None:
+            return "inventory: " + problem
+    return None
+
+
+def holdings_problem(inv: Inventory, holdings: Sequence[Holding], partial: bool = False) -> str | None:
+    """Why the head refuses an agent's list of copies, or None: too many, a model name that is
+    not one, a tier the node does not report (a `gpuN` of a GPU it does not have), or a path
+    outside that tier's directory (published copies are `<tier>/<model>`, partial ones
+    `<tier>/.partial/<model>`)."""
+    what = "partial copies" if partial else "holdings"
+    if len(holdings) > MAX_HOLDINGS:
+        return f"{len(holdings)} {what} (at most {MAX_HOLDINGS})"
+    tiers = {t.name: t.path for t in inv.tiers if t.name in STORAGE_TIERS}
+    gpus = {f"gpu{g.index}" for g in inv.gpus}
+    for h in holdings:
+        if not MODEL_NAME_RE.fullmatch(h.model) or h.model in (".", ".."):
+            return f"{what}: {h.model[:80]!r} is not a model name"
+        if h.size < 0:
+            return f"{what}: {h.model} has a negative size"
+        for field, value, cap in (
+            ("source", h.source, MAX_TEXT_CHARS),
+            ("revision", h.revision, MAX_TEXT_CHARS),
+        ):
+            problem = _too_long(f"the {field} of {h.model}", value, cap)
+            if problem is not None:
+                return f"{what}: {problem}"
+        if h.tier in gpus and not partial:
+            problem = _too_long(f"the path of {h.model}", h.path, MAX_NAME_CHARS)
+            if problem is not None:
+                return f"{what}: {problem}"
+            continue
+        root = tiers.get(h.tier)
+        if root is None:
+            return f"{what}: {h.model} on tier {h.tier[:40]!r}, which this node does not report"
+        if len(h.path) > MAX_PATH_CHARS or not _inside(h.path, root, h.model, partial):
+            return f"{what}: {h.model} at {h.path[:200]!r}, outside tier {h.tier} ({root})"
+    return None
+
+
+def _inside(path: str, root: str, model: str, partial: bool) -> bool:
+    expected = posixpath.join(root, ".partial", model) if partial else posixpath.join(root, model)
+    return posixpath.normpath(path) == posixpath.normpath(expected)
 
 
 # ---------------------------------------------------------------- registry entities
@@ -232,6 +321,8 @@ class Hello(msgspec.Struct, tag="hello", tag_field="type", omit_defaults=True):
     data_url: str = ""
     inventory: Inventory = msgspec.field(default_factory=Inventory)
     holdings: list[Holding] = msgspec.field(default_factory=list)
+    partials: list[Holding] = msgspec.field(default_factory=list)
+    """Unfinished copies on the node's tiers (kept to resume; removable with a delete)."""
     running: list[str] = msgspec.field(default_factory=list)
     finished: list[str] = msgspec.field(default_factory=list)
     services: list[Service] = msgspec.field(default_factory=list)
@@ -277,12 +368,16 @@ class Failed(msgspec.Struct, tag="failed", tag_field="type", omit_defaults=True)
     op_id: str
     error: OpError
     holdings: list[Holding] | None = None
+    partial: Holding | None = None
+    """What a failed write left on disk: kept so a retry resumes, listed as a `partial` copy."""
 
 
 class HoldingsChanged(msgspec.Struct, tag="holdings", tag_field="type"):
     """What the node holds changed outside an op (a GPU worker died, say)."""
 
     holdings: list[Holding]
+    partials: list[Holding] = msgspec.field(default_factory=list)
+    """Unfinished copies on the node's tiers."""
 
 
 class ServiceChanged(msgspec.Struct, tag="service", tag_field="type", omit_defaults=True):

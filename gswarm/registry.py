@@ -204,6 +204,13 @@ class Registry:
             node = Node(node_id=node_id, registered_at=now, status_since=now)
             self.nodes[node_id] = node
         was_online = node.status == "online"
+        # A reconnect that reports nothing new is no event: a reconnecting agent (or one that
+        # reconnects on purpose, again and again) must not fill the log.
+        changed = (
+            _inventory_changed(node.inventory, inventory)
+            or (node.agent_version, node.data_url, node.backends) != (agent_version, data_url, backends)
+            or node.holdings != holdings
+        )
         node.connected = True
         node.last_seen = now
         node.hostname = inventory.hostname
@@ -216,8 +223,9 @@ class Registry:
         if not was_online:
             node.status = "online"
             node.status_since = now
-        kind = "node.registered" if fresh else ("node.updated" if was_online else "node.online")
-        events.append(self._event(kind, node_id, node))
+        if fresh or not was_online or changed:
+            kind = "node.registered" if fresh else ("node.updated" if was_online else "node.online")
+            events.append(self._event(kind, node_id, node))
         return events
 
     def node_heartbeat(self, node_id: str, inventory: Inventory) -> list[Event]:
@@ -482,15 +490,21 @@ class Registry:
             events.extend(self.set_service(svc))
         return events
 
-    def reconcile_holdings(self, node_id: str, holdings: list[Holding]) -> list[Event]:
-        """Make the locations on a node match what its agent reports holding. A copy that an
+    def reconcile_holdings(
+        self, node_id: str, holdings: list[Holding], partials: list[Holding] | None = None
+    ) -> list[Event]:
+        """Make the locations on a node match what its agent reports holding, published copies
+        (`ready`) and unfinished ones (`partial`, with the space they take). A copy that an
         open op is writing or deleting is left to that op: the agent's list has only published
         copies, so a copy being downloaded is missing from it and must not be dropped."""
         events: list[Event] = []
         held = {(h.model, f"{node_id}:{h.tier}"): h for h in holdings}
+        unfinished = {key: h for h in partials or [] if (key := (h.model, f"{node_id}:{h.tier}")) not in held}
         for (model, device), loc in list(self.locations.items()):
             node, _, tier = device.partition(":")
             if node != node_id or (model, device) in held or self.open_writer(model, device) is not None:
+                continue
+            if (model, device) in unfinished and loc.state != "ready":
                 continue
             if tier in STORAGE_TIERS or loc.state == "ready":
                 events.extend(self.remove_location(model, device))
@@ -508,6 +522,16 @@ class Registry:
                     model, device, "ready", size=h.size, path=h.path, source=h.source, revision=h.revision
                 )
             )
+        for (model, device), h in unfinished.items():
+            current = self.locations.get((model, device))
+            if current is not None and current.state == "partial" and current.size == h.size:
+                continue
+            if self.open_writer(model, device) is not None:
+                continue  # the op writing it reports how it ends
+            if model not in self.models:
+                _, evs = self.register_model(model, "unknown", None, {"discovered_on": node_id})
+                events.extend(evs)
+            events.extend(self.set_location(model, device, "partial", size=h.size, path=h.path))
         return events
 
     def node_services(self, node_id: str) -> list[Service]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Final, Literal, TypeVar
 
 OpState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-LocationState = Literal["pending", "downloading", "copying", "loading", "ready", "failed", "deleting"]
+LocationState = Literal[
+    "pending", "downloading", "copying", "loading", "ready", "partial", "failed", "deleting"
+]
 JobState = Literal["pending", "running", "cancelling", "succeeded", "failed", "cancelled"]
 ActionState = Literal[
     "pending", "waiting", "running", "retrying", "succeeded", "failed", "skipped", "cancelled"
@@ -55,19 +57,22 @@ ACTION_MOVES: Final[dict[ActionState, frozenset[ActionState]]] = {
 }
 
 _ANY_LOCATION: Final = frozenset[LocationState](
-    {"pending", "downloading", "copying", "loading", "ready", "failed", "deleting"}
+    {"pending", "downloading", "copying", "loading", "ready", "partial", "failed", "deleting"}
 )
 LOCATION_MOVES: Final[dict[LocationState, frozenset[LocationState]]] = {
     "pending": _ANY_LOCATION,
-    "downloading": WRITING | {"ready", "failed", "deleting"},
-    "copying": WRITING | {"ready", "failed", "deleting"},
-    "loading": WRITING | {"ready", "failed", "deleting"},
+    "downloading": WRITING | {"ready", "partial", "failed", "deleting"},
+    "copying": WRITING | {"ready", "partial", "failed", "deleting"},
+    "loading": WRITING | {"ready", "partial", "failed", "deleting"},
     "ready": frozenset({"deleting"}),
+    "partial": WRITING | {"ready", "failed", "deleting"},
     "failed": _ANY_LOCATION,
     "deleting": _ANY_LOCATION,  # a failed delete puts the copy back as it was
 }
-"""A ready copy is never rewritten in place: it is deleted first. Services have no table: the
-agent running them is the truth about their state, and the head records what it reports."""
+"""A ready copy is never rewritten in place: it is deleted first. A `partial` copy is what a
+failed write left on the node's disk (its size is the space it takes): no op writes it, a new
+write resumes from it, a delete frees it. Services have no table: the agent running them is
+the truth about their state, and the head records what it reports."""
 
 S = TypeVar("S", bound=str)
 

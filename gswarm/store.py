@@ -4,7 +4,8 @@ Writes are handed to one writer thread that commits them in batches (WAL mode), 
 loop never waits on the disk. An event's `data` holds the full entity, so persisting an event
 means appending it to the log and upserting (or deleting) its entity row; several changes of
 one entity within a batch collapse into one row write. `op.progress` events update the op row
-but are not kept in the log: they are transient, and a long download would flood it.
+but are not kept in the log: they are transient, and a long download would flood it. The log
+keeps a window (a count and an age); the writer thread prunes what falls out of it.
 
 Node credentials are not registry entities and never travel in events: the table
 `node_credentials` holds the hash of each enrolled node's credential, written through the same
@@ -81,6 +82,9 @@ class Snapshot:
 _STOP = object()
 GROUP_COMMIT_SECONDS = 0.003
 """The writer waits this long after the first queued write, so bursts share one transaction."""
+PRUNE_INTERVAL = 10.0
+"""The writer prunes the event log at least this often while it writes (and after every tenth
+of `events_kept` new events)."""
 
 
 @dataclass
@@ -121,10 +125,18 @@ def _assemble_jobs(jobs: list[Job], actions: list[JobAction]) -> list[Job]:
 class Store:
     """The SQLite database under a state dir, written by a background thread."""
 
-    def __init__(self, path: Path, on_write: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        events_kept: int = 200_000,
+        events_max_age: float = 7 * 86400.0,
+        on_write: Callable[[float], None] | None = None,
+    ) -> None:
         """`on_write` is called from the writer thread after each committed batch of events with
         the seconds since the first of them was queued."""
         self.path = path
+        self.events_kept = events_kept
+        self.events_max_age = events_max_age
         self._on_write = on_write
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -204,6 +216,9 @@ class Store:
     def _writer(self) -> None:
         conn = self._connect()
         creds: list[_Credential] = []
+        interval = min(PRUNE_INTERVAL, self.events_max_age / 4)
+        last_prune = 0.0
+        written = 0
         try:
             while True:
                 item = self._queue.get()
@@ -231,6 +246,7 @@ class Store:
                         break
                 if batch:
                     self._write(conn, batch)
+                    written += len(batch)
                     if self._on_write is not None:
                         self._on_write(time.monotonic() - queued_at)
                 for f in forget:
@@ -244,6 +260,10 @@ class Store:
                             "INSERT OR REPLACE INTO node_credentials VALUES (?, ?)", (c.node_id, c.digest)
                         )
                     creds.pop(0).done.set_result(None)
+                now = time.monotonic()
+                if written > self.events_kept // 10 or now - last_prune >= interval:
+                    self._prune(conn)
+                    last_prune, written = now, 0
                 if stop:
                     return
         except BaseException as exc:  # surfaced on the next persist()
@@ -260,6 +280,27 @@ class Store:
                 _fail(c.done, exc)
         finally:
             conn.close()
+
+    def _prune(self, conn: sqlite3.Connection) -> None:
+        """Forget logged events beyond the window: more than `events_kept` newer ones, or older
+        than `events_max_age` (the seq counter lives on in `meta`)."""
+        cutoff = 0
+        row = conn.execute(
+            "SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET ?", (self.events_kept,)
+        ).fetchone()
+        if row is not None:
+            cutoff = row[0]
+        # Seqs grow with time: the first event young enough bounds the old ones.
+        row = conn.execute(
+            "SELECT seq FROM events WHERE ts >= ? ORDER BY seq LIMIT 1", (time.time() - self.events_max_age,)
+        ).fetchone()
+        if row is None:
+            row = conn.execute("SELECT MAX(seq) FROM events").fetchone()
+            cutoff = max(cutoff, row[0] or 0)
+        else:
+            cutoff = max(cutoff, row[0] - 1)
+        if cutoff:
+            conn.execute("DELETE FROM events WHERE seq <= ?", (cutoff,))
 
     def _write(self, conn: sqlite3.Connection, batch: list[Event]) -> None:
         rows: dict[tuple[str, str], bytes | None] = {}
@@ -286,17 +327,35 @@ class Store:
 
     # ------------------------------------------------------------ reads (call in a thread)
 
-    def read_events(self, after: int, until: int, limit: int) -> list[Event]:
-        """Logged events with after < seq <= until, oldest first."""
+    def read_events(
+        self, after: int, until: int, topics: frozenset[str], limit: int, max_bytes: int
+    ) -> tuple[list[Event], int]:
+        """One page of logged events with after < seq <= until in the topics (all when empty),
+        oldest first: at most `limit` events and about `max_bytes` of them (at least one).
+        Returns the page and the seq it has looked up to (`until` when nothing is left)."""
         conn = self._connect()
+        out: list[Event] = []
+        size = 0
+        seen = after
         try:
             rows = conn.execute(
-                "SELECT body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-                (after, until, limit),
-            ).fetchall()
+                "SELECT seq, kind, body FROM events WHERE seq > ? AND seq <= ? ORDER BY seq",
+                (after, until),
+            )
+            for seq, kind, body in rows:
+                if topics and kind.partition(".")[0] not in topics:
+                    seen = seq
+                    continue
+                if out and (len(out) >= limit or size + len(body) > max_bytes):
+                    break
+                out.append(event_decoder.decode(body))
+                size += len(body)
+                seen = seq
+            else:
+                seen = until
         finally:
             conn.close()
-        return [event_decoder.decode(r[0]) for r in rows]
+        return out, seen
 
     # ------------------------------------------------------------ shutdown
 

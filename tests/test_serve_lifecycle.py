@@ -449,8 +449,10 @@ async def test_builtin_logs_on_a_gpu_and_on_the_cpu(
     assert refused.value.code == "serving" and "tiny-llm@w1:gpu0 (builtin" in refused.value.message
     op = await client.delete_location("tiny-llm", "w1:gpu0", force=True, wait=True)
     assert op.state == "succeeded", op.error
-    assert isinstance(op.result, DeleteResult) and op.result.removed
-    assert "w1:gpu0" not in _locations(head, "tiny-llm") and agent.gpu_pool.resident.get(0, {}) == {}
+    # Stopping the service may have unloaded the copy before the delete ran: either way it's gone.
+    assert isinstance(op.result, DeleteResult)
+    await wait_for(lambda: "w1:gpu0" not in _locations(head, "tiny-llm"), timeout=10)
+    assert agent.gpu_pool.resident.get(0, {}) == {}
     assert {s.device for s in await client.list_services()} == {"w1:dram", "w1:disk"}
     # Its log outlives it.
     after = await client.log_chunk("tiny-llm", "w1:gpu0")

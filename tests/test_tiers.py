@@ -271,7 +271,8 @@ async def test_disk_filling_up_mid_download_is_507_and_keeps_what_arrived(
         store = agent.stores["disk"]
         assert not store.model_dir("tiny").exists()
         assert store.partial_dir("tiny").exists()  # kept: a retry resumes
-        assert (await client.get_model("tiny")).locations == []
+        (loc,) = (await client.get_model("tiny")).locations
+        assert (loc.device, loc.state) == ("w1:disk", "partial") and loc.size > 4 << 20
         # Space comes back; the same download resumes and completes.
         (disk / "someone-else.bin").unlink()
         again = await client.download("tiny", "org/tiny", "w1:disk", wait=True)

@@ -47,6 +47,8 @@ class OpContext:
         """Cancelled by the user (or the head's timeout): unfinished work is thrown away."""
         self.shutting_down = False
         """Cancelled because the agent stops: unfinished work stays on disk to resume."""
+        self.partial: Holding | None = None
+        """Set by a write that failed and kept its unfinished copy; sent with the failure."""
 
     @property
     def keep_partial(self) -> bool:

@@ -142,10 +142,11 @@ class Executor:
         except TimeoutError:
             msg = Failed(op_id=cmd.op_id, error=OpError("timed_out", f"timed out after {cmd.timeout:g} s"))
         except GswarmError as exc:
-            msg = Failed(op_id=cmd.op_id, error=OpError(exc.code, exc.message))
+            msg = Failed(op_id=cmd.op_id, error=OpError(exc.code, exc.message), partial=ctx.partial)
         except Exception as exc:
             log.exception("op %s (%s) failed", cmd.op_id, cmd.kind)
-            msg = Failed(op_id=cmd.op_id, error=OpError("internal", f"{type(exc).__name__}: {exc}"))
+            error = OpError("internal", f"{type(exc).__name__}: {exc}")
+            msg = Failed(op_id=cmd.op_id, error=error, partial=ctx.partial)
         if ctx.dirty:
             self._send(ctx.snapshot())
         self.running.pop(cmd.op_id, None)

@@ -30,7 +30,8 @@ async def probe(ctx: OpContext) -> Reply:
     """Re-read inventory and holdings and report them."""
     inventory = await ctx.agent.inventory()
     holdings = await ctx.agent.holdings()
-    return Reply(ProbeResult(inventory=inventory, holdings=holdings), holdings)
+    partials = await ctx.agent.partials()
+    return Reply(ProbeResult(inventory=inventory, holdings=holdings, partials=partials), holdings)
 
 
 async def run_op(ctx: OpContext, args: OpArgs) -> OpResult | Reply:

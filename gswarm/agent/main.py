@@ -127,7 +127,7 @@ class Agent:
         self.spawn(self._report_holdings())
 
     async def _report_holdings(self) -> None:
-        self.send(HoldingsChanged(holdings=await self.holdings()))
+        self.send(HoldingsChanged(holdings=await self.holdings(), partials=await self.partials()))
 
     def _gpu_lost(self, index: int) -> None:
         log.warning("the worker of gpu%d died: its resident models are gone", index)
@@ -161,6 +161,12 @@ class Agent:
                 code="data_server_failed",
             ) from None
 
+    async def partials(self) -> list[Holding]:
+        """Every unfinished copy on this node's tiers (scanned in a thread)."""
+        return await asyncio.to_thread(
+            lambda: [h for store in self.stores.values() for h in store.partials()]
+        )
+
     async def _hello(self, local_host: str) -> Hello:
         listen = self.data_host or local_host
         self.reach_host = local_host if listen in serving.WILDCARD_HOSTS else listen
@@ -179,6 +185,7 @@ class Agent:
             data_url=self.data_url,
             inventory=await self.inventory(),
             holdings=await self.holdings(),
+            partials=await self.partials(),
             running=list(self.executor.running),
             finished=list(self.executor.outbox),
             services=self.services.services(),

@@ -87,6 +87,19 @@ def dir_size(path: Path) -> int:
     return total
 
 
+def allocated_size(path: Path) -> int:
+    """Bytes the files below a directory take on disk (a preallocated, partly written file
+    counts what was written)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
 class TierStore:
     """One tier (`disk` or `dram`) of this node: a root directory and an optional quota."""
 
@@ -165,6 +178,27 @@ class TierStore:
                 )
             )
         return found
+
+    def partials(self) -> list[Holding]:
+        """Unfinished copies on this tier (a failed or interrupted write kept them to resume),
+        each with the bytes it takes."""
+        base = self.root / PARTIAL_DIR
+        if not base.is_dir():
+            return []
+        found = [
+            self.partial_holding(entry.name)
+            for entry in sorted(base.iterdir())
+            if entry.is_dir() and MODEL_NAME_RE.fullmatch(entry.name)
+        ]
+        return [h for h in found if h is not None]
+
+    def partial_holding(self, model: str) -> Holding | None:
+        """The unfinished copy of `model` on this tier, if there is one that takes space."""
+        path = self.partial_dir(model)
+        if not path.is_dir():
+            return None
+        size = allocated_size(path)
+        return Holding(model=model, tier=self.name, path=str(path), size=size) if size else None
 
     def publish(self, model: str, partial: Path, manifest: Manifest) -> Path:
         """Write the manifest and rename the verified partial directory into place."""

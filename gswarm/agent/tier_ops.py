@@ -23,6 +23,7 @@ from gswarm.agent.fetch.common import (
     Cancelled,
     RateLimit,
     TransferError,
+    check_bandwidth,
     local_write_error,
     run_blocking,
 )
@@ -108,13 +109,14 @@ async def _new_copy(
 ) -> W:
     """The frame of every op that writes a new copy: one writer per model and tier, nothing to do
     when the copy is there, `produce` fills the partial directory, then verify-and-publish."""
+    check_bandwidth(bandwidth)
     async with _lock(ctx, store.name, model):
         existing = await asyncio.to_thread(store.manifest, model)
         if existing is not None:
             return _result(kind, store, store.model_dir(model), existing, already_present=True)
         cancel = threading.Event()
         partial = store.partial_dir(model)
-        limit = RateLimit(bandwidth) if bandwidth else None
+        limit = RateLimit(bandwidth, cancel) if bandwidth else None
         try:
             manifest = await produce(partial, cancel, limit)
             manifest.model = model
@@ -128,9 +130,14 @@ async def _new_copy(
                 await asyncio.to_thread(store.discard_partial, model)
             raise
         except OSError as exc:
+            ctx.partial = await asyncio.to_thread(store.partial_holding, model)
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise local_write_error(exc, f"{model} to {store.name}") from None
+        except Exception:
+            # Kept to resume; the head lists it as a partial copy that a delete frees.
+            ctx.partial = await asyncio.to_thread(store.partial_holding, model)
+            raise
         return _result(kind, store, path, manifest, from_peer=ctx.peer)
 
 
@@ -406,5 +413,9 @@ async def delete(ctx: OpContext, args: DeleteArgs) -> DeleteResult:
     store = _store(ctx, args.tier)
     async with _lock(ctx, args.tier, args.model_name):
         removed = await asyncio.to_thread(store.remove, args.model_name)
+        partial = await asyncio.to_thread(store.partial_holding, args.model_name)
         await asyncio.to_thread(store.discard_partial, args.model_name)
-    return DeleteResult(model=args.model_name, tier=args.tier, removed=removed)
+    freed = partial.size if partial is not None else 0
+    return DeleteResult(
+        model=args.model_name, tier=args.tier, removed=removed or partial is not None, freed=freed
+    )

@@ -495,6 +495,7 @@ def logs(
                     f"({chunk.file}: the log of the worker holding {device}'s weights, "
                     "shared by the builtin services there)",
                     highlight=False,
+                    soft_wrap=True,
                 )
             if chunk.reset:
                 err.print(f"({chunk.file} was replaced: from its start)", highlight=False)

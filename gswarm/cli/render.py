@@ -23,7 +23,7 @@ from rich.table import Table
 
 from gswarm.cli.common import err, out
 from gswarm.errors import GswarmError
-from gswarm.ops import HealthCheckResult, Op, ServeResult, WrittenCopy
+from gswarm.ops import DeleteResult, HealthCheckResult, Op, ServeResult, WrittenCopy
 from gswarm.protocol import Job, JobAction, Notice, to_builtins
 
 
@@ -131,6 +131,8 @@ def done_line(op: Op) -> str:
         if result.already_running:
             return f"already running at {result.url} ({result.state}), nothing started"
         return f"{result.state} at {result.url}"
+    if isinstance(result, DeleteResult) and result.freed:
+        return f"done (freed {human_size(result.freed)})"
     if not isinstance(result, WrittenCopy):
         return "done"
     removed = (

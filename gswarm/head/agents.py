@@ -10,6 +10,9 @@ enrolment the head issues the node its own credential (sent once, in `Welcome`; 
 only its hash) and every later Hello for that node id must present it: the join token alone is
 refused, so a stolen join token cannot take over an existing node. The api token never joins.
 The node's transfer key derives from its credential (`Head.node_key`).
+What an agent reports is checked against the caps and rules of `protocol` (`inventory_problem`,
+`holdings_problem`) before the registry sees it, and its heartbeats are rate-limited
+(`HeartbeatGate`): a flood closes the socket with 4429.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from gswarm import PROTOCOL_VERSION, grants
 from gswarm.devices import NODE_ID_RE
 from gswarm.errors import GswarmError
 from gswarm.protocol import (
+    MAX_SERVICES,
     Accepted,
     Failed,
     HeadMessage,
@@ -39,6 +43,8 @@ from gswarm.protocol import (
     Welcome,
     agent_message_decoder,
     encode,
+    holdings_problem,
+    inventory_problem,
 )
 
 if TYPE_CHECKING:
@@ -50,9 +56,48 @@ CLOSE_BAD_MESSAGE = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_DUPLICATE = 4409
 CLOSE_INCOMPATIBLE = 4426
+CLOSE_FLOOD = 4429
 CLOSE_REPLACED = 4000
 CLOSE_SHUTDOWN = 1001
 CLOSE_INTERNAL = 1011
+
+
+HEARTBEAT_FLOOD = 20
+"""More heartbeats than this within one minimum gap (half the heartbeat interval) is a flood:
+the agent's socket is closed with 4429."""
+
+
+def report_problem(hello: Hello) -> str | None:
+    """Why the head refuses what a Hello reports (a cap broken, a copy outside the node's
+    tiers), or None."""
+    if len(hello.services) > MAX_SERVICES:
+        return f"{len(hello.services)} services (at most {MAX_SERVICES})"
+    return (
+        inventory_problem(hello.inventory)
+        or holdings_problem(hello.inventory, hello.holdings)
+        or holdings_problem(hello.inventory, hello.partials, partial=True)
+    )
+
+
+class HeartbeatGate:
+    """At most one heartbeat per `gap` seconds is processed; the rest are dropped and counted,
+    and a burst of more than `HEARTBEAT_FLOOD` within one gap is a flood."""
+
+    def __init__(self, gap: float) -> None:
+        self.gap = gap
+        self.last = -gap
+        self.burst = 0
+        self.dropped = 0
+
+    def admit(self, now: float) -> bool | None:
+        """True: process it; False: drop it; None: the agent floods."""
+        if now - self.last >= self.gap:
+            self.last = now
+            self.burst = 0
+            return True
+        self.dropped += 1
+        self.burst += 1
+        return None if self.burst > HEARTBEAT_FLOOD else False
 
 
 class AgentConnection:
@@ -65,6 +110,7 @@ class AgentConnection:
         self.peer = peer
         self.connected_at = time.time()
         self._send_lock = asyncio.Lock()
+        self.heartbeats = HeartbeatGate(0.0)
 
     async def send(self, msg: HeadMessage) -> None:
         """Send one message; a dead socket is logged, not raised (the op is re-sent later)."""
@@ -92,6 +138,8 @@ class AgentHub:
         self._head = head
         self._conns: dict[str, AgentConnection] = {}
         self._all_ws: set[web.WebSocketResponse] = set()
+        self.heartbeats_dropped = 0
+        """Heartbeats that came sooner than half an interval after the last, all agents."""
 
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._conns
@@ -126,6 +174,9 @@ class AgentHub:
         try:
             hello = await self._handshake(ws)
             if hello is None:
+                return ws
+            if (problem := report_problem(hello)) is not None:
+                await _close(ws, CLOSE_BAD_MESSAGE, f"hello refused: {problem}")
                 return ws
             conn = await self._admit(ws, hello, request.remote or "")
             if conn is None:
@@ -226,6 +277,7 @@ class AgentHub:
                 await _close(ws, CLOSE_INTERNAL, "the head could not enrol the node (see its log)")
                 return None
         conn = AgentConnection(hello.node_id, hello.instance_id, ws, peer)
+        conn.heartbeats = HeartbeatGate(self._head.settings.heartbeat_interval / 2)
         self._conns[hello.node_id] = conn
         head.commit(
             head.registry.node_connected(
@@ -237,7 +289,7 @@ class AgentHub:
                 hello.backends,
             )
         )
-        head.commit(head.registry.reconcile_holdings(hello.node_id, hello.holdings))
+        head.commit(head.registry.reconcile_holdings(hello.node_id, hello.holdings, hello.partials))
         head.commit(head.registry.reconcile_services(hello.node_id, hello.services))
         await conn.send(
             Welcome(
@@ -298,14 +350,29 @@ class AgentHub:
                 break
             match decoded:
                 case Heartbeat(inventory=inventory):
+                    admitted = conn.heartbeats.admit(time.monotonic())
+                    if not admitted:
+                        self.heartbeats_dropped += 1
+                        if admitted is None:
+                            await _close(conn.ws, CLOSE_FLOOD, "too many heartbeats: slow down")
+                            break
+                        continue
+                    if (problem := inventory_problem(inventory)) is not None:
+                        await _close(conn.ws, CLOSE_BAD_MESSAGE, f"heartbeat refused: {problem}")
+                        break
                     head.commit(head.registry.node_heartbeat(conn.node_id, inventory))
                 case Accepted() | Progress() | Succeeded() | Failed():
                     if self._conns.get(conn.node_id) is conn:
                         head.registry.node_seen(conn.node_id)
                     await head.dispatcher.handle(conn.node_id, decoded)
-                case HoldingsChanged(holdings=holdings):
+                case HoldingsChanged(holdings=holdings, partials=partials):
+                    inv = head.registry.get_node(conn.node_id).inventory
+                    problem = holdings_problem(inv, holdings) or holdings_problem(inv, partials, partial=True)
+                    if problem is not None:
+                        await _close(conn.ws, CLOSE_BAD_MESSAGE, f"holdings refused: {problem}")
+                        break
                     head.registry.node_holdings(conn.node_id, holdings)
-                    head.commit(head.registry.reconcile_holdings(conn.node_id, holdings))
+                    head.commit(head.registry.reconcile_holdings(conn.node_id, holdings, partials))
                 case ServiceChanged(service=service, removed=removed):
                     if service.device.partition(":")[0] != conn.node_id:
                         await _close(conn.ws, CLOSE_BAD_MESSAGE, "a service of another node")

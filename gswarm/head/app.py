@@ -3,6 +3,7 @@ table and the head's state are put together. Nothing imports this module but the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -100,6 +101,7 @@ class HeadServer:
         if self.port == 0 and server is not None:
             sockets = getattr(server, "sockets", None) or []
             self.port = sockets[0].getsockname()[1]
+        await asyncio.to_thread(self.head.lock.record_port, self.port)
         if self.metrics_port >= 0:
             self._metrics_runner = JsonErrorAppRunner(
                 create_metrics_app(self.head), access_log=None, shutdown_timeout=1.0

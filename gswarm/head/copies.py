@@ -24,7 +24,7 @@ from gswarm.ops import (
     OpResult,
     PeerSource,
 )
-from gswarm.protocol import Event, Location
+from gswarm.protocol import Event, Location, holdings_problem
 from gswarm.sources import Source
 from gswarm.states import LocationState
 
@@ -122,8 +122,8 @@ def peer_sources(
 
 def write_result(head: Head, op: Op, outcome: Outcome) -> list[Event]:
     """The result hook of every op that writes a copy (download, fetch, copy, load): the copy
-    becomes ready (with where its bytes came from), or goes if the write failed; a move drops
-    its source."""
+    becomes ready (with where its bytes came from), or, if the write failed, goes or stays as
+    a `partial` copy (what the agent kept to resume); a move drops its source."""
     reg = head.registry
     events: list[Event] = []
     (model, device), *_ = op.writes()
@@ -145,7 +145,19 @@ def write_result(head: Head, op: Op, outcome: Outcome) -> list[Event]:
         return events
     loc = reg.locations.get((model, device))
     if loc is not None and loc.op_id == op.op_id and loc.state != "ready":
-        events.extend(reg.remove_location(model, device))
+        left = outcome.partial
+        node = reg.nodes.get(op.node_id)
+        if (
+            left is not None
+            and node is not None
+            and (left.model, f"{op.node_id}:{left.tier}") == (model, device)
+            and holdings_problem(node.inventory, [left], partial=True) is None
+        ):
+            # What was written stays on the node: listed with its size, resumed by a retry,
+            # freed by a delete.
+            events.extend(reg.set_location(model, device, "partial", size=left.size, path=left.path))
+        else:
+            events.extend(reg.remove_location(model, device))
     return events
 
 

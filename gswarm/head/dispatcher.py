@@ -48,6 +48,8 @@ class Outcome:
     result: OpResult | None = None
     error: OpError | None = None
     holdings: list[Holding] | None = None
+    partial: Holding | None = None
+    """What a failed write left on its node (kept to resume)."""
 
     @property
     def ok(self) -> bool:
@@ -151,7 +153,7 @@ class Dispatcher:
     @staticmethod
     def _outcome(op: Op, msg: Succeeded | Failed) -> Outcome:
         if isinstance(msg, Failed):
-            return Outcome(error=msg.error, holdings=msg.holdings)
+            return Outcome(error=msg.error, holdings=msg.holdings, partial=msg.partial)
         try:
             return Outcome(result=decode_result(op.kind, msg.result), holdings=msg.holdings)
         except (UnknownKind, msgspec.ValidationError, msgspec.DecodeError) as exc:

@@ -11,7 +11,7 @@ import collections
 import logging
 from collections.abc import Iterable, Sequence
 
-from gswarm.protocol import Event
+from gswarm.protocol import Event, encode
 from gswarm.store import Store
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,34 @@ class EventBus:
             sub.dropped.set()
 
     async def replay(
-        self, since: int, until: int, topics: frozenset[str], limit: int = 100_000
-    ) -> list[Event]:
-        """Events with since < seq <= until in the topics, from the ring or the log."""
-        out: list[Event] = []
+        self, since: int, until: int, topics: frozenset[str], limit: int, max_bytes: int
+    ) -> tuple[list[Event], int]:
+        """One page of the events with since < seq <= until in the topics, oldest first, from
+        the log (what is older than the ring) or the ring: at most `limit` events and about
+        `max_bytes` of them encoded (at least one). Returns the page and the seq it has looked
+        up to: the next page starts there, and the replay is complete once that is `until`."""
         ring_start = self._ring[0].seq if self._ring else until + 1
+        out: list[Event] = []
+        seen = since
         if since + 1 < ring_start:
-            older = await asyncio.to_thread(self._store.read_events, since, min(until, ring_start - 1), limit)
-            out.extend(older)
-        out.extend(ev for ev in self._ring if since < ev.seq <= until)
-        if topics:
-            out = [ev for ev in out if ev.topic in topics]
-        return out[:limit]
+            upto = min(until, ring_start - 1)
+            read = self._store.read_events
+            out, seen = await asyncio.to_thread(read, since, upto, topics, limit, max_bytes)
+            if seen < until and (seen < upto or not self._ring or self._ring[0].seq > upto + 1):
+                return out, seen  # a full page, or the ring moved on meanwhile: the next page
+        size = sum(len(encode(ev)) for ev in out)
+        for ev in self._ring:
+            if ev.seq <= seen:
+                continue
+            if ev.seq > until:
+                break
+            if topics and ev.topic not in topics:
+                seen = ev.seq
+                continue
+            n = len(encode(ev))
+            if out and (len(out) >= limit or size + n > max_bytes):
+                return out, seen
+            out.append(ev)
+            size += n
+            seen = ev.seq
+        return out, until

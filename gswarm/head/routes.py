@@ -12,7 +12,7 @@ from aiohttp import WSMsgType, web
 from gswarm import __version__
 from gswarm.api import RegisterModelBody, RegisterNodeBody
 from gswarm.devices import validate_model_name, validate_node_id
-from gswarm.errors import BadRequest, Conflict, NotFound
+from gswarm.errors import BadRequest, Conflict, GswarmError, NotFound
 from gswarm.head.dispatcher import Outcome
 from gswarm.head.events import Subscriber
 from gswarm.head.http import (
@@ -27,7 +27,7 @@ from gswarm.head.http import (
 )
 from gswarm.head.state import Head
 from gswarm.ops import Op, ProbeArgs, ProbeResult
-from gswarm.protocol import Event, NodeRemoved, Notice, OpError, encode
+from gswarm.protocol import Event, NodeRemoved, Notice, OpError, encode, holdings_problem, inventory_problem
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ async def root(request: web.Request) -> web.Response:
             "last_seq": head.bus.last_seq,
             "subscribers": head.bus.subscriber_count,
             "subscribers_dropped": head.bus.dropped_count,
+            "heartbeats_dropped": head.agents.heartbeats_dropped,
         }
     )
 
@@ -183,10 +184,18 @@ def probe_result(head: Head, op: Op, outcome: Outcome) -> list[Event]:
     result = outcome.result
     if not isinstance(result, ProbeResult):
         return []
+    inv = result.inventory
+    problem = (
+        inventory_problem(inv)
+        or holdings_problem(inv, result.holdings)
+        or holdings_problem(inv, result.partials, partial=True)
+    )
+    if problem is not None:
+        raise GswarmError(f"the agent's report is refused: {problem}", code="bad_result")
     reg = head.registry
-    events = reg.node_heartbeat(op.node_id, result.inventory)
+    events = reg.node_heartbeat(op.node_id, inv)
     reg.node_holdings(op.node_id, result.holdings)
-    events.extend(reg.reconcile_holdings(op.node_id, result.holdings))
+    events.extend(reg.reconcile_holdings(op.node_id, result.holdings, result.partials))
     return events
 
 
@@ -233,12 +242,17 @@ def _topics(request: web.Request) -> frozenset[str]:
 
 
 async def list_events(request: web.Request) -> web.Response:
-    """`GET /events?since=SEQ&topic=&limit=`: the events after `since`."""
+    """`GET /events?since=SEQ&topic=&limit=`: the events after `since`, one page: at most
+    `limit` events and `replay_page_bytes` of them; `more` says whether the next page (from the
+    last event's seq) has any."""
     head = head_of(request)
     since = query_int(request, "since", 0, lo=-1, hi=MAX_SEQ)
     limit = query_int(request, "limit", 1000, lo=1, hi=10_000)
-    events = await head.bus.replay(since, head.bus.last_seq, _topics(request), limit)
-    return json_response({"events": events, "last_seq": head.bus.last_seq})
+    until = head.bus.last_seq
+    events, seen = await head.bus.replay(
+        since, until, _topics(request), limit, head.settings.replay_page_bytes
+    )
+    return json_response({"events": events, "last_seq": until, "more": seen < until})
 
 
 async def events_socket(request: web.Request) -> web.WebSocketResponse:
@@ -283,8 +297,10 @@ async def _send_events(
     upto: int,
     topics: frozenset[str],
 ) -> None:
-    if since >= 0:
-        for ev in await head.bus.replay(since, upto, topics):
+    cursor = since
+    while 0 <= cursor < upto:  # page by page: a long replay never sits in memory at once
+        page, cursor = await head.bus.replay(cursor, upto, topics, 1000, head.settings.replay_page_bytes)
+        for ev in page:
             await ws.send_str(encode(ev).decode())
     await ws.send_str(encode(Notice(code="live", message="following live", last_seq=upto)).decode())
     while True:

@@ -7,10 +7,12 @@ needs done at start-up (resuming replications and jobs) it adds to `on_started`.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -20,7 +22,8 @@ import msgspec
 from aiohttp import web
 
 from gswarm import grants
-from gswarm.config import TOKENS_FILE, Settings, Tokens
+from gswarm.config import LOCK_FILE, TOKENS_FILE, Settings, Tokens
+from gswarm.errors import GswarmError
 from gswarm.head.agents import AgentHub
 from gswarm.head.dispatcher import Dispatcher, ResultHook
 from gswarm.head.events import EventBus
@@ -54,6 +57,75 @@ def load_or_create_tokens(state_dir: Path) -> Tokens:
     return tokens
 
 
+class StateDirInUse(GswarmError):
+    """Another head already runs on this state directory."""
+
+    default_code = "state_dir_in_use"
+
+
+class HeadLock(msgspec.Struct):
+    """What the lock file says about the head holding it."""
+
+    pid: int
+    host: str
+    port: int = 0
+    started_at: float = 0.0
+
+
+class StateLock:
+    """The state dir's lock file, held (flock) for as long as a head uses the directory; the
+    kernel drops it when the process dies, so a crashed head never leaves a stale lock."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_FILE
+        self._fd: int | None = None
+        self._info = HeadLock(pid=os.getpid(), host=socket.gethostname(), started_at=time.time())
+
+    def acquire(self) -> None:
+        """Take the lock, or raise StateDirInUse naming the head that has it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read(fd)
+            os.close(fd)
+            raise StateDirInUse(
+                f"state dir {self.path.parent} is in use by another head ({holder}); stop it, "
+                "or give this one another --state-dir",
+                details={"lock_file": str(self.path)},
+            ) from None
+        self._fd = fd
+        self._write()
+
+    def record_port(self, port: int) -> None:
+        """Note the port the head listens on (known only once it is bound)."""
+        self._info.port = port
+        if self._fd is not None:
+            self._write()
+
+    def release(self) -> None:
+        """Let go of the lock (the file stays; its content is stale but harmless)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write(self) -> None:
+        assert self._fd is not None
+        data = msgspec.json.encode(self._info)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    @staticmethod
+    def _read(fd: int) -> str:
+        try:
+            info = msgspec.json.decode(os.pread(fd, 4096, 0), type=HeadLock)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return "its lock file does not say which"
+        port = f", port {info.port}" if info.port else ""
+        return f"pid {info.pid} on {info.host}{port}"
+
+
 class Head:
     """Registry, store, event bus, agents and dispatcher of one head, and their tasks."""
 
@@ -64,7 +136,12 @@ class Head:
         self.settings = settings
         self.registry = Registry()
         self.metrics = Metrics(self)
-        self.store = Store(state_dir / "gswarm.db", on_write=self.metrics.observe_store_write)
+        self.store = Store(
+            state_dir / "gswarm.db",
+            settings.events_kept,
+            settings.events_max_age,
+            on_write=self.metrics.observe_store_write,
+        )
         self.bus = EventBus(self.store, settings.event_ring, settings.subscriber_queue)
         self.agents = AgentHub(self)
         self.dispatcher = Dispatcher(self, result_hooks or {})
@@ -77,9 +154,12 @@ class Head:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_started: list[Callable[[], None]] = []
+        self.lock = StateLock(state_dir)
 
     async def start(self) -> None:
-        """Read state back and start the background sweeper."""
+        """Lock the state dir (StateDirInUse when another head has it), read state back and
+        start the background sweeper."""
+        await asyncio.to_thread(self.lock.acquire)
         self.tokens = await asyncio.to_thread(load_or_create_tokens, self.state_dir)
         snap = await asyncio.to_thread(self.store.open_and_load, self.settings.event_ring)
         self.credentials = snap.credentials
@@ -112,6 +192,7 @@ class Head:
             for fut in futs:
                 fut.cancel()
         await self.store.close()
+        self.lock.release()
 
     def commit(self, events: list[Event]) -> None:
         """Persist and publish the events of a registry mutation; wake op waiters; count the

@@ -1,6 +1,6 @@
 """Errors and small thread primitives shared by the fetch modules: TransferError, Cancelled,
-local_write_error, ByteCounter, RateLimit and run_blocking (the bridge from asyncio to the
-blocking workers)."""
+local_write_error, ByteCounter, RateLimit (with check_bandwidth, its bounds) and run_blocking
+(the bridge from asyncio to the blocking workers)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from gswarm.errors import GswarmError, InsufficientSpace
+from gswarm.config import BANDWIDTH_MAX, BANDWIDTH_MIN
+from gswarm.errors import BadRequest, GswarmError, InsufficientSpace
 
 T = TypeVar("T")
 
@@ -52,27 +53,51 @@ class ByteCounter:
             self.value += n
 
 
-class RateLimit:
-    """A bytes/s limit shared by worker threads: each takes its share, then sleeps off any debt."""
+SLEEP_SLICE = 0.1
+"""A throttled thread waits at most this long at a time before it looks at its cancel flag."""
 
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
+
+def check_bandwidth(limit: int | None) -> int | None:
+    """`limit` if it is a usable bytes/s limit (or None: no limit); BadRequest naming the bounds
+    otherwise. The head checks the same bounds; an agent does not trust it to."""
+    if limit is not None and not BANDWIDTH_MIN <= limit <= BANDWIDTH_MAX:
+        raise BadRequest(
+            f"bandwidth_limit {limit} is out of range: give {BANDWIDTH_MIN} to {BANDWIDTH_MAX} "
+            "bytes/s (64 KiB/s to 1 TiB/s), or none",
+            code="invalid_field",
+            details={"field": "bandwidth_limit"},
+        )
+    return limit
+
+
+class RateLimit:
+    """A bytes/s limit shared by worker threads: each takes its share, then sleeps off any debt,
+    in slices of at most `SLEEP_SLICE` seconds, stopping at once (Cancelled) when `cancel` is set."""
+
+    def __init__(self, rate: int, cancel: threading.Event) -> None:
+        self.rate = check_bandwidth(rate) or BANDWIDTH_MIN
+        self._cancel = cancel
         self._lock = threading.Lock()
         # Little burst: an idle limiter must not let a second's worth of bytes out at once.
-        self._burst = float(min(rate / 20, 1 << 20))
+        self._burst = float(min(self.rate / 20, 1 << 20))
         self._tokens = self._burst
         self._last = time.monotonic()
 
     def take(self, n: int) -> None:
-        """Account for `n` bytes, sleeping as long as the limit requires."""
+        """Account for `n` bytes, sleeping as long as the limit requires; Cancelled if the
+        transfer is cancelled (or the agent stops) meanwhile."""
         with self._lock:
             now = time.monotonic()
             self._tokens = min(self._burst, self._tokens + (now - self._last) * self.rate)
             self._last = now
             self._tokens -= n
             debt = -self._tokens
-        if debt > 0:
-            time.sleep(debt / self.rate)
+        if debt <= 0:
+            return
+        deadline = time.monotonic() + debt / self.rate
+        while (left := deadline - time.monotonic()) > 0:
+            if self._cancel.wait(min(left, SLEEP_SLICE)):
+                raise Cancelled()
 
 
 async def run_blocking(cancel: threading.Event, fn: Callable[..., T], *args: Any) -> T:
