@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from gswarm.agent.serving import ServingConfig, Template
 from gswarm.client import GswarmClient
 from gswarm.head.app import HeadServer
-from tests.conftest import AgentRunner, wait_for
+from tests.conftest import AgentRunner, free_port, wait_for
 from tests.webdriver import Browser, browser_missing, chromium
 
 UI_DIR = Path(__file__).resolve().parent.parent / "gswarm" / "head" / "ui"
@@ -180,13 +182,86 @@ async def test_dashboard_follows_the_cluster_and_acts(
     # No script error, nothing the Content-Security-Policy refused.
     assert [line for line in await browser.console() if line.startswith(("SEVERE", "WARNING"))] == []
 
-    # A wrong token shows the sign-in form, which then signs in with the right one.
-    await browser.get("about:blank")
-    await browser.get(f"{head.url}/ui#token=wrong")
-    await browser.until("const s = document.getElementById('signin'); return s && !s.hidden")
-    assert await browser.js("return document.getElementById('signin-error').textContent") == "wrong token"
-    assert await browser.js("return document.getElementById('dash').hidden")
-    assert await browser.js("return sessionStorage.getItem('gswarm-token')") is None
-    await browser.js("document.getElementById('token').value = arguments[0]", token)
-    await browser.click('#signin-form button[type="submit"]')
-    await browser.until("return document.querySelectorAll('#nodes [data-key^=\"node-\"]').length == 2")
+    # A wrong token shows the sign-in form, which then signs in with the right one: from a page
+    # being loaded, and from a #token= typed into the tab already showing it (no reload then).
+    for how in ("load", "hash"):
+        if how == "load":
+            await browser.get("about:blank")
+            await browser.get(f"{head.url}/ui#token=wrong")
+        else:
+            await browser.js("location.hash = 'token=wrong'")
+        await browser.until("const s = document.getElementById('signin'); return s && !s.hidden")
+        assert await browser.js("return document.getElementById('signin-error').textContent") == "wrong token"
+        assert await browser.js("return document.getElementById('dash').hidden")
+        assert await browser.js("return sessionStorage.getItem('gswarm-token')") is None
+        assert "#" not in await browser.url()
+        await browser.js("document.getElementById('token').value = arguments[0]", token)
+        await browser.click('#signin-form button[type="submit"]')
+        await browser.until("return document.querySelectorAll('#nodes [data-key^=\"node-\"]').length == 2")
+        assert await browser.js("return sessionStorage.getItem('gswarm-token')") == token
+
+
+async def test_dashboard_serves_stops_and_cancels(
+    head: HeadServer,
+    agents: AgentRunner,
+    client: GswarmClient,
+    tiny_repo_dir: Path,
+    hub: Any,
+    browser: Browser,
+) -> None:
+    config = ServingConfig(
+        templates={
+            "pyhttp": Template(
+                command=[sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"], health="/"
+            )
+        },
+        health_interval=0.3,
+        stop_grace=3,
+    )
+    await agents.start(head, "w1", serving_config=config)
+    assert (await client.download("m", f"file://{tiny_repo_dir}", "w1:disk", wait=True)).state == "succeeded"
+    await browser.get(f"{head.url}/ui#token={head.head.tokens.api_token}")
+
+    # Serve a copy from its cell: the service shows its health and URL, and the cell says so.
+    port = free_port()
+    await browser.click(CELL.format(model="m", device="w1:disk"))
+    await browser.click('#dialog [data-act="serve"]')
+    await browser.js(
+        "const f = document.getElementById('dialog-form');"
+        "f.elements.port.value = arguments[0]; f.elements.backend.value = 'pyhttp';",
+        str(port),
+    )
+    await browser.click("#dialog-ok")
+    row = '#services tr[data-key="svc-m@w1:disk"]'
+    await browser.until(
+        f"const r = document.querySelector('{row}'); return r && r.innerText.includes('ready')"
+    )
+    href = await browser.js(f"return document.querySelector('{row} a').getAttribute('href')")
+    assert href == f"http://127.0.0.1:{port}"
+    cell = CELL.format(model="m", device="w1:disk")
+    assert "ready" in await browser.js(f"return document.querySelector('{cell} .svc').textContent")
+
+    # Stop it, confirmed.
+    await browser.click(f'{row} [data-act="stop"]')
+    assert (
+        await browser.js("return document.getElementById('dialog-title').textContent") == "Stop m on w1:disk?"
+    )
+    await browser.click("#dialog-ok")
+    await browser.until(f"return !document.querySelector('{row}')")
+    assert not head.head.registry.services
+
+    # Cancel a slow download from its row, confirmed: the op ends cancelled, its copy goes.
+    hub.rate_limit = 1 << 20
+    slow = await client.download("slow", "org/tiny", "w1:dram")
+    op_row = f'#ops tr[data-op="{slow.op_id}"]'
+    await browser.click(f'{op_row} [data-act="cancel"]')
+    assert (
+        await browser.js("return document.getElementById('dialog-title').textContent")
+        == "Cancel this operation?"
+    )
+    await browser.click("#dialog-ok")
+    await browser.until(f"return document.querySelector('{op_row}').dataset.state == 'cancelled'")
+    gone = CELL.format(model="slow", device="w1:dram")
+    await browser.until(f"return document.querySelector('{gone}').classList.contains('empty')")
+    assert (await client.get_op(slow.op_id)).state == "cancelled"
+    assert [line for line in await browser.console() if line.startswith(("SEVERE", "WARNING"))] == []

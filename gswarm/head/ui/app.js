@@ -149,7 +149,7 @@
       S.ops = new Map(ops.ops.map((o) => [o.op_id, o]));
       S.jobs = new Map(fullJobs.map((j) => [j.job_id, j]));
       S.services = new Map(services.services.map((s) => [s.service_id, s]));
-      S.events = events.events.filter((e) => e.seq <= since);
+      S.events = events.events.filter((e) => e.seq <= since && e.kind !== 'op.progress');
       S.lastSeq = since;
       $('dash').hidden = false;
       $('signout').hidden = false;
@@ -179,6 +179,13 @@
       if (m.type === 'event') apply(m);
       else if (m.type === 'notice' && m.code === 'live') {
         retries = 0;
+        if (m.last_seq < S.lastSeq) {
+          // A head with a fresh event log (its state was reset): start over from its lists.
+          ws.onclose = null;
+          ws.close();
+          start(gen);
+          return;
+        }
         setConn('live', 'live');
       }
     };
@@ -294,21 +301,35 @@
     morphChildren(el, t.content);
   }
 
+  // Children with a `data-key` are matched by key (moved, never rebuilt, when rows come and go);
+  // the others by position, when their tag matches.
   function morphChildren(into, from) {
     const next = [...from.childNodes];
-    const have = into.childNodes;
+    const keyed = new Map();
+    for (const child of into.children) {
+      const key = child.getAttribute('data-key');
+      if (key) keyed.set(key, child);
+    }
     next.forEach((node, i) => {
-      const old = have[i];
-      if (!old) into.appendChild(node);
-      else if (sameKind(old, node)) morphNode(old, node);
-      else into.replaceChild(node, old);
+      const old = into.childNodes[i] || null;
+      const key = node.nodeType === 1 ? node.getAttribute('data-key') : null;
+      const match = key ? keyed.get(key) : null;
+      if (match && match.nodeName === node.nodeName) {
+        keyed.delete(key);
+        if (match !== old) into.insertBefore(match, old);
+        morphNode(match, node);
+      } else if (!key && old && sameKind(old, node)) {
+        morphNode(old, node);
+      } else {
+        into.insertBefore(node, old);
+      }
     });
-    while (have.length > next.length) into.removeChild(into.lastChild);
+    while (into.childNodes.length > next.length) into.removeChild(into.lastChild);
   }
 
   function sameKind(a, b) {
     if (a.nodeType !== b.nodeType || a.nodeName !== b.nodeName) return false;
-    return a.nodeType !== 1 || a.getAttribute('data-key') === b.getAttribute('data-key');
+    return a.nodeType !== 1 || !a.hasAttribute('data-key');
   }
 
   function morphNode(a, b) {
@@ -457,7 +478,7 @@
       if (p.total > p.done) parts.push('ETA ' + dur((p.total - p.done) / p.rate));
     }
     if (elapsed > 0) parts.push((isOpen(op) ? 'elapsed ' : 'took ') + dur(elapsed));
-    if (p.message) parts.push(esc(p.message));
+    if (p.message && isOpen(op)) parts.push(esc(p.message));
     return `${bar}<span class="op-text">${parts.join(' · ')}</span>`;
   }
 
@@ -775,6 +796,12 @@
       if (t) signIn(t);
     });
     $('signout').addEventListener('click', () => showSignin(''));
+    window.addEventListener('hashchange', () => {
+      // /ui#token=... typed into a tab already showing the page: no reload happens.
+      readFragment();
+      const t = sessionStorage.getItem(TOKEN_KEY);
+      if (t && t !== token) signIn(t);
+    });
     $('dialog-form').addEventListener('submit', submitDialog);
     $('dialog-cancel').addEventListener('click', closeDialog);
     document.addEventListener('click', (ev) => {
