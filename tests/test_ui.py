@@ -179,6 +179,16 @@ async def test_dashboard_follows_the_cluster_and_acts(
     assert ("tiny", "b:disk") not in head.head.registry.locations
     assert ("tiny", "a:disk") in head.head.registry.locations
 
+    # Replicate it back from the model's name: b:disk is offered (it has no copy), a's are not.
+    await browser.click('#matrix [data-act="model"][data-model="tiny"]')
+    offered = await browser.js(
+        "return [...document.querySelectorAll('#dialog input[type=checkbox]')].map(i => i.value)"
+    )
+    assert offered == ["b:disk", "b:dram"]
+    await browser.click('#dialog input[value="b:disk"]')
+    await browser.click("#dialog-ok")
+    await browser.until(f"return document.querySelector('{gone}').dataset.state == 'ready'")
+
     # No script error, nothing the Content-Security-Policy refused.
     assert [line for line in await browser.console() if line.startswith(("SEVERE", "WARNING"))] == []
 
@@ -240,6 +250,14 @@ async def test_dashboard_serves_stops_and_cancels(
     assert href == f"http://127.0.0.1:{port}"
     cell = CELL.format(model="m", device="w1:disk")
     assert "ready" in await browser.js(f"return document.querySelector('{cell} .svc').textContent")
+
+    # Copy it to dram from its cell (the dialog offers the node's other tier).
+    await browser.click(cell)
+    await browser.click('#dialog [data-act="copy"]')
+    assert await browser.js("return document.querySelector('#dialog select').value") == "w1:dram"
+    await browser.click("#dialog-ok")
+    dram = CELL.format(model="m", device="w1:dram")
+    await browser.until(f"const c = document.querySelector('{dram}'); return c?.dataset.state == 'ready'")
 
     # Stop it, confirmed.
     await browser.click(f'{row} [data-act="stop"]')
