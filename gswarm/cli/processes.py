@@ -173,6 +173,7 @@ def head(
         err.print(f"gswarm head {__version__} listening on {server.url} (state: {server.head.state_dir})")
         if server.metrics_url is not None:
             err.print(f"metrics for anyone at {server.metrics_url}")
+        err.print(f"dashboard at {server.url}/ui (sign in with the api token: gswarm token)")
         try:
             await _until_signal()
         finally:
@@ -381,6 +382,7 @@ def up(
         )
         if server.metrics_url is not None:
             err.print(f"metrics for anyone at {server.metrics_url}")
+        err.print(f"dashboard at {server.url}/ui (sign in with the api token: gswarm token)")
         try:
             await _until_signal(task)
         finally:

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gswarm.config import Settings
 from gswarm.errors import GswarmError
-from gswarm.head import jobs, replication, routes, services, transfers
+from gswarm.head import dashboard, jobs, replication, routes, services, transfers
 from gswarm.head.http import JsonErrorAppRunner, error_middleware
 from gswarm.head.metrics import metrics_response
 from gswarm.head.results import RESULT_HOOKS
@@ -31,6 +31,7 @@ def create_app(head: Head) -> web.Application:
     replication.setup(app)
     services.setup(app)
     jobs.setup(app)
+    dashboard.setup(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await head.start()

@@ -24,6 +24,7 @@ from gswarm.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
+from gswarm.head.dashboard import is_public
 from gswarm.head.state import HEAD_KEY, Head
 from gswarm.ops import Op
 from gswarm.protocol import encode
@@ -34,7 +35,8 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PUBLIC_PATHS = frozenset({"/health", "/ws/agent"})
-"""Routes that need no api token (the agent socket authenticates by its Hello)."""
+"""Routes that need no api token (the agent socket authenticates by its Hello); the dashboard's
+page and assets (`/ui`, `/ui/...`, which hold no data) need none either."""
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -130,9 +132,10 @@ class JsonErrorAppRunner(web.AppRunner):
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every route but /health (and the agent socket, which authenticates by Hello) needs
-    `Authorization: Bearer <api token>`; the event socket may pass `?token=` instead."""
-    if request.path in PUBLIC_PATHS:
+    """Every route but /health, the dashboard's files and the agent socket (which
+    authenticates by Hello) needs `Authorization: Bearer <api token>`; the event socket may pass
+    `?token=` instead."""
+    if request.path in PUBLIC_PATHS or is_public(request.path):
         return await handler(request)
     head = request.app[HEAD_KEY]
     header = request.headers.get("Authorization", "")
