@@ -42,6 +42,7 @@ from gswarm.ops import (
     ServeResult,
     StopArgs,
     StopResult,
+    decode_builtin_config,
 )
 from gswarm.protocol import Service, ServiceChanged, service_id
 from gswarm.states import ServiceState
@@ -265,6 +266,10 @@ class ServiceManager:
             rt.worker = await self._cpu_worker(rt.log_path)
             files = await asyncio.to_thread(safetensors_files, rt.model_dir)
             await rt.worker.call("load", model=svc.model, dir=str(rt.model_dir), files=files)
+        try:
+            cfg = decode_builtin_config(svc.config)
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_config") from None
         await rt.worker.call(
             "serve",
             service=svc.service_id,
@@ -272,6 +277,8 @@ class ServiceManager:
             dir=str(rt.model_dir),
             host=rt.host,
             port=svc.port,
+            names=cfg.names(svc.model),
+            max_model_len=cfg.max_model_len,
         )
         svc.pid = rt.worker.pid
 
