@@ -368,6 +368,8 @@ class BuiltinServer:
                 if piece.finish is not None:
                     finish[piece.index] = piece.finish
                     tokens += piece.tokens
+                if request.transport is None or request.transport.is_closing():
+                    return web.Response(status=499)  # the client left: stop generating for nobody
         finally:
             run.cancel()
         usage = Usage(prompt_tokens, tokens, prompt_tokens + tokens)
