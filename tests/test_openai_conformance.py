@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gswarm.client import GswarmClient
 from gswarm.errors import BadRequest
@@ -512,3 +514,97 @@ async def test_serve_config_of_the_builtin_backend_is_checked(served: Served) ->
         with pytest.raises(BadRequest) as err:
             await served.gswarm.serve("tiny-llm", "w1:dram", free_port(), config=config)
         assert err.value.code == "invalid_config", config
+
+
+# ---------------------------------------------------------------- hostile bodies, property-based
+
+JUNK = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+"""Any JSON value."""
+EDGES = st.sampled_from([-1, 0, 1, 2, 2**31, 2**63, 2**64, -(2**70), 1e308, -0.0, 0.5, "", "1", [], {}])
+
+
+def field(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """A field's value: mostly a valid one, sometimes junk or an edge."""
+    return st.one_of(valid, valid, JUNK, EDGES)
+
+
+SHARED = {
+    "model": field(st.sampled_from(["tiny-llm", "gpt-4", "TINY-LLM"])),
+    "n": field(st.integers(1, 3)),
+    "temperature": field(st.floats(0, 2)),
+    "top_p": field(st.floats(0.01, 1)),
+    "top_k": field(st.integers(-1, 50)),
+    "seed": field(st.integers(-(2**63), 2**63 - 1)),
+    "stop": field(st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=3))),
+    "stream": field(st.booleans()),
+    "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})),
+    "presence_penalty": field(st.floats(-2, 2)),
+    "frequency_penalty": field(st.floats(-2, 2)),
+    "max_completion_tokens": field(st.integers(1, 4)),
+    "user": field(st.text(max_size=5)),
+    "unknown_field": JUNK,
+}
+TOKEN_IDS = st.lists(st.integers(0, 299), min_size=1, max_size=5)
+COMPLETION = st.fixed_dictionaries(
+    {"max_tokens": st.one_of(st.integers(1, 4), EDGES)},
+    optional={
+        **SHARED,
+        "prompt": field(
+            st.one_of(
+                st.text(max_size=20),
+                st.lists(st.text(max_size=10), min_size=1, max_size=3),
+                TOKEN_IDS,
+                st.lists(TOKEN_IDS, min_size=1, max_size=2),
+            )
+        ),
+        "echo": field(st.booleans()),
+    },
+)
+MESSAGE = st.fixed_dictionaries(
+    {"role": field(st.sampled_from(["user", "system", "assistant"]))},
+    optional={
+        "content": field(
+            st.text(max_size=20)
+            | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=5)}))
+        ),
+        "name": JUNK,
+    },
+)
+CHAT = st.fixed_dictionaries(
+    {"max_tokens": st.one_of(st.integers(1, 4), EDGES)},
+    optional={**SHARED, "messages": field(st.lists(MESSAGE, min_size=1, max_size=3))},
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    case=st.one_of(
+        st.tuples(st.just("/v1/completions"), COMPLETION), st.tuples(st.just("/v1/chat/completions"), CHAT)
+    )
+)
+async def test_hostile_bodies_are_answered_or_refused_never_5xx(
+    served: Served, case: tuple[str, Any]
+) -> None:
+    path, body = case
+    async with aiohttp.ClientSession() as s, s.post(served.gpu_url + path, json=body) as r:
+        text = await r.text()
+        assert r.status in (200, 400, 404), (r.status, text)
+        if r.status == 200:
+            if body.get("stream") is True:
+                assert text.endswith("data: [DONE]\n\n") and '"finish_reason":"' in text, text
+            else:
+                answer = json.loads(text)
+                assert all(c["finish_reason"] in ("stop", "length") for c in answer["choices"])
+            return
+        error = json.loads(text)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert (r.status == 404) == (error["code"] == "model_not_found")
