@@ -175,6 +175,8 @@ class BuiltinConfig(msgspec.Struct, forbid_unknown_fields=True):
     """More names the server answers to, besides the served ones."""
     max_model_len: int | None = None
     """The context length (prompt plus completion) in tokens; at most the model's own."""
+    max_waiting: int = 256
+    """Requests that may wait for their turn (one generates at a time); more are answered 429."""
     backend: str | None = None
     """The backend (the serve request's `backend` says the same)."""
 
@@ -212,6 +214,8 @@ def decode_builtin_config(config: dict[str, Any]) -> BuiltinConfig:
             )
     if cfg.max_model_len is not None and not 1 <= cfg.max_model_len <= 1 << 24:
         raise ValueError("invalid builtin config: max_model_len must be between 1 and 16777216")
+    if not 0 <= cfg.max_waiting <= 1 << 16:
+        raise ValueError("invalid builtin config: max_waiting must be between 0 and 65536")
     return cfg
 
 

@@ -50,7 +50,7 @@ class Served:
 
     gswarm: GswarmClient
     gpu: Any  # openai.AsyncOpenAI on tiny-llm@w1:gpu0, named tiny-llm
-    named: Any  # on tiny-llm@w1:dram, named org/tiny-chat and tiny-alias, 64 positions
+    named: Any  # on tiny-llm@w1:dram, named org/tiny-chat and tiny-alias, 64 positions, 2 may wait
     gpu_url: str
     named_url: str
 
@@ -80,6 +80,7 @@ async def served(
                         "served_model_name": "org/tiny-chat",
                         "aliases": ["tiny-alias"],
                         "max_model_len": SHORT,
+                        "max_waiting": 2,
                     }
                     op = await gs.serve("tiny-llm", "w1:dram", named_port, config=config, wait=True)
                     assert op.state == "succeeded", op.error
@@ -500,6 +501,26 @@ async def test_a_client_that_leaves_frees_the_server(served: Served) -> None:
     assert out.usage.completion_tokens == 2
 
 
+async def test_beyond_max_waiting_is_429(served: Served) -> None:
+    """One generates, two wait (the service's max_waiting), the fourth is told to come back."""
+    # Each long enough for all four to arrive while the first generates.
+    body = {"model": "tiny-alias", "prompt": "hi", "max_tokens": 40, "n": 16}
+
+    async def post(s: aiohttp.ClientSession) -> tuple[int, Any]:
+        async with s.post(served.named_url + "/v1/completions", json=body) as r:
+            return r.status, await r.json()
+
+    async with aiohttp.ClientSession() as s:
+        answers = sorted(await asyncio.gather(*(post(s) for _ in range(4))), key=lambda a: a[0])
+    assert [status for status, _ in answers] == [200, 200, 200, 429]
+    assert all(len(a["choices"]) == 16 for _, a in answers[:3])
+    error = answers[3][1]["error"]
+    assert error["code"] == "overloaded" and "requests are waiting" in error["message"]
+    # The queue drained: the next one is answered.
+    out = await served.named.completions.create(model="tiny-alias", prompt="hi", max_tokens=1)
+    assert out.usage.completion_tokens == 1
+
+
 # ---------------------------------------------------------------- serve config
 
 
@@ -509,6 +530,7 @@ async def test_serve_config_of_the_builtin_backend_is_checked(served: Served) ->
         {"served_model_name": []},
         {"aliases": ["has space"]},
         {"max_model_len": 0},
+        {"max_waiting": -1},
         {"served_model_names": "typo"},
     ):
         with pytest.raises(BadRequest) as err:

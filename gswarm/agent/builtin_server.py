@@ -5,9 +5,9 @@ simulated GPUs). It runs inside the worker process that holds the weights.
 
 Requests are queued, not batched: one request generates at a time, in a thread of its own, in
 the order they arrived (its `n` choices of one prompt are one batch); the others wait their
-turn, up to `MAX_WAITING`, beyond which a request is answered 429 (OpenAI's "overloaded").
-Tokens stream as they are generated. Bodies are the Structs of `openai_api`; every error is
-OpenAI's error object.
+turn, up to `max_waiting` of them (256 unless the serve config says otherwise), beyond which a
+request is answered 429 (OpenAI's "overloaded"). Tokens stream as they are generated. Bodies
+are the Structs of `openai_api`; every error is OpenAI's error object.
 
 Needs the `serve` extra (torch, transformers).
 """
@@ -51,8 +51,6 @@ from gswarm.agent.openai_api import (
 
 log = logging.getLogger(__name__)
 
-MAX_WAITING = 256
-"""Requests that may wait for their turn; one more is answered 429."""
 COMPLETION_DEFAULT_TOKENS = 16
 """`max_tokens` of a completion that gives none (OpenAI's and vLLM's default)."""
 
@@ -159,6 +157,7 @@ class BuiltinServer:
         tokenizer: Any,
         device: str,
         max_model_len: int | None = None,
+        max_waiting: int = 256,
     ) -> None:
         self.name = name
         self.names = names or [name]
@@ -185,6 +184,7 @@ class BuiltinServer:
         self._keep_arg = keep[0] if keep else None
         self.requests = 0
         self.waiting = 0
+        self.max_waiting = max_waiting
         self._turn = asyncio.Lock()
         self._tok_lock = threading.Lock()  # fast tokenizers are not safe across threads
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate")
@@ -583,10 +583,10 @@ class _Run:
     async def start(self) -> None:
         """Wait for the turn (FIFO) and start generating; 429 when too many wait already."""
         s = self.server
-        if s.waiting >= MAX_WAITING:
+        if s.waiting >= s.max_waiting:
             raise ApiError(
                 429,
-                f"The server is overloaded: {MAX_WAITING} requests are waiting. Please retry later.",
+                f"The server is overloaded: {s.waiting} requests are waiting. Please retry later.",
                 type="server_error",
                 code="overloaded",
             )

@@ -8,7 +8,7 @@ stdin/stdout with the agent:
     <- {"event": "progress", "id": 1, "done": 1048576, "total": 4194304}
     <- {"id": 1, "ok": true, "bytes": 4194304}
     -> {"id": 2, "cmd": "serve", "service": "m@n:gpu0", "model": "m", "dir": "/dram/m", "port": 8080,
-        "names": ["m", "alias"], "max_model_len": null}
+        "names": ["m", "alias"], "max_model_len": null, "max_waiting": 256}
     -> {"id": 3, "cmd": "unserve", "service": "m@n:gpu0"} / "unload" / "status" / "exit"
 
 Everything else it prints goes to stderr (the agent's log file for it). Needs torch and
@@ -108,7 +108,15 @@ class Worker:
                 raise LookupError(f"{model} is not resident on {self.device}")
             lm, tokenizer = await asyncio.to_thread(build_model, req["dir"], self.models[model], self.device)
             names = req.get("names") or [model]
-            server = BuiltinServer(model, names, lm, tokenizer, self.device, req.get("max_model_len"))
+            server = BuiltinServer(
+                model,
+                names,
+                lm,
+                tokenizer,
+                self.device,
+                req.get("max_model_len"),
+                req.get("max_waiting", 256),
+            )
             await server.start(req.get("host", "127.0.0.1"), int(req["port"]))
             self.servers[sid] = server
             return {"serving": sid}

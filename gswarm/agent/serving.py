@@ -279,6 +279,7 @@ class ServiceManager:
             port=svc.port,
             names=cfg.names(svc.model),
             max_model_len=cfg.max_model_len,
+            max_waiting=cfg.max_waiting,
         )
         svc.pid = rt.worker.pid
 
