@@ -223,7 +223,7 @@ class ChatRequest(Sampling):
             raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
         if self.tools:
             raise ApiError(400, "tools are not supported by this server", param="tools")
-        if self.tool_choice not in (None, "none"):
+        if self.tool_choice not in (None, "none", "auto"):  # without tools, "auto" calls none
             raise ApiError(400, "tool_choice is not supported by this server", param="tool_choice")
         if self.response_format is not None and self.response_format.type != "text":
             raise ApiError(
