@@ -257,6 +257,10 @@ class ServiceManager:
                 log_file.close()
             svc.pid = rt.proc.pid
             return
+        try:
+            cfg = decode_builtin_config(svc.config)
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_config") from None
         if rt.gpu is not None:
             pool = self.agent.gpu_pool
             if svc.model not in pool.resident.get(rt.gpu, {}):
@@ -266,10 +270,6 @@ class ServiceManager:
             rt.worker = await self._cpu_worker(rt.log_path)
             files = await asyncio.to_thread(safetensors_files, rt.model_dir)
             await rt.worker.call("load", model=svc.model, dir=str(rt.model_dir), files=files)
-        try:
-            cfg = decode_builtin_config(svc.config)
-        except ValueError as exc:
-            raise BadRequest(str(exc), code="invalid_config") from None
         await rt.worker.call(
             "serve",
             service=svc.service_id,
