@@ -180,7 +180,9 @@ async def test_streamed_completion_ends_with_finish_reason_and_usage(served: Ser
     assert len(choice_chunks) > 2  # streamed as generated, not as one piece
 
     # Without stream_options there is no usage chunk.
-    stream = await served.gpu.completions.create(model="tiny-llm", prompt="fox", max_tokens=3, stream=True)
+    stream = await served.gpu.completions.create(
+        model="tiny-llm", prompt="fox", max_tokens=3, stream=True, temperature=0
+    )
     chunks = [c async for c in stream]
     assert chunks[-1].choices[0].finish_reason == "length" and all(c.usage is None for c in chunks)
 
@@ -264,7 +266,7 @@ async def test_penalties_steer_away_from_repeats(served: Served) -> None:
 
 
 async def test_an_empty_prompt_starts_from_the_start_token(served: Served) -> None:
-    out = await served.gpu.completions.create(model="tiny-llm", prompt="", max_tokens=3)
+    out = await served.gpu.completions.create(model="tiny-llm", prompt="", max_tokens=3, temperature=0)
     assert out.usage.prompt_tokens == 1 and out.usage.completion_tokens == 3
 
 
@@ -326,7 +328,10 @@ async def test_chat_content_parts_and_n(served: Served) -> None:
 
 async def test_max_completion_tokens_is_honoured(served: Served) -> None:
     chat = await served.gpu.chat.completions.create(
-        model="tiny-llm", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3
+        model="tiny-llm",
+        messages=[{"role": "user", "content": "hi"}],
+        max_completion_tokens=3,
+        temperature=0,
     )
     assert chat.usage.completion_tokens == 3 and chat.choices[0].finish_reason == "length"
     # It wins over max_tokens, as in OpenAI's API.
@@ -335,14 +340,18 @@ async def test_max_completion_tokens_is_honoured(served: Served) -> None:
         messages=[{"role": "user", "content": "hi"}],
         max_tokens=9,
         max_completion_tokens=2,
+        temperature=0,
     )
     assert chat.usage.completion_tokens == 2
     out = await served.gpu.completions.create(
-        model="tiny-llm", prompt="fox", extra_body={"max_completion_tokens": 5}
+        model="tiny-llm", prompt="fox", temperature=0, extra_body={"max_completion_tokens": 5}
     )
     assert out.usage.completion_tokens == 5
+    # (Greedy: a sampled text could meet the end-of-text token sooner.)
     # A completion without a limit writes 16 tokens (OpenAI's default); a chat runs to the context.
-    assert (await served.gpu.completions.create(model="tiny-llm", prompt="fox")).usage.completion_tokens == 16
+    assert (
+        await served.gpu.completions.create(model="tiny-llm", prompt="fox", temperature=0)
+    ).usage.completion_tokens == 16
     chat = await served.named.chat.completions.create(
         model="tiny-alias", messages=[{"role": "user", "content": "hi"}], temperature=0
     )
