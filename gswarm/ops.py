@@ -165,6 +165,60 @@ class ServeArgs(Args, tag="serve"):
     unless its operator said otherwise)."""
 
 
+class BuiltinConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The builtin backend's options (a serve's `config`), named as vLLM names them."""
+
+    served_model_name: str | list[str] | None = None
+    """The name (or names) the server answers to; the first is the one it reports. Without
+    one, the model's gswarm name."""
+    aliases: list[str] = msgspec.field(default_factory=list)
+    """More names the server answers to, besides the served ones."""
+    max_model_len: int | None = None
+    """The context length (prompt plus completion) in tokens; at most the model's own."""
+    max_waiting: int = 256
+    """Requests that may wait for their turn (one generates at a time); more are answered 429."""
+    backend: str | None = None
+    """The backend (the serve request's `backend` says the same)."""
+
+    def names(self, model_name: str) -> list[str]:
+        """Every name the server answers to, the reported one first, without repeats."""
+        served = self.served_model_name
+        first = [served] if isinstance(served, str) else (served or [model_name])
+        return list(dict.fromkeys([*first, *self.aliases]))
+
+
+SERVED_NAME_MAX = 256
+
+
+def decode_builtin_config(config: dict[str, Any]) -> BuiltinConfig:
+    """The builtin backend's options, checked: a ValueError says what is wrong."""
+    try:
+        cfg = msgspec.convert(config, BuiltinConfig)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid builtin config: {exc}") from None
+    names = cfg.names("x")
+    if isinstance(cfg.served_model_name, list) and not cfg.served_model_name:
+        raise ValueError("invalid builtin config: served_model_name is an empty list")
+    if len(names) > 64:
+        raise ValueError("invalid builtin config: at most 64 served names and aliases")
+    for name in names:
+        if (
+            not name
+            or len(name) > SERVED_NAME_MAX
+            or not name.isprintable()
+            or any(c.isspace() for c in name)
+        ):
+            raise ValueError(
+                f"invalid builtin config: served name {name[:80]!r} must be 1-{SERVED_NAME_MAX} "
+                "printable characters without spaces"
+            )
+    if cfg.max_model_len is not None and not 1 <= cfg.max_model_len <= 1 << 24:
+        raise ValueError("invalid builtin config: max_model_len must be between 1 and 16777216")
+    if not 0 <= cfg.max_waiting <= 1 << 16:
+        raise ValueError("invalid builtin config: max_waiting must be between 0 and 65536")
+    return cfg
+
+
 class StopArgs(Args, tag="stop"):
     """Stop a service and free what it held."""
 

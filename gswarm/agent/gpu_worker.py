@@ -7,7 +7,8 @@ stdin/stdout with the agent:
     -> {"id": 1, "cmd": "load", "model": "m", "dir": "/dram/m", "files": ["model.safetensors"]}
     <- {"event": "progress", "id": 1, "done": 1048576, "total": 4194304}
     <- {"id": 1, "ok": true, "bytes": 4194304}
-    -> {"id": 2, "cmd": "serve", "service": "m@n:gpu0", "model": "m", "dir": "/dram/m", "port": 8080}
+    -> {"id": 2, "cmd": "serve", "service": "m@n:gpu0", "model": "m", "dir": "/dram/m", "port": 8080,
+        "names": ["m", "alias"], "max_model_len": null, "max_waiting": 256}
     -> {"id": 3, "cmd": "unserve", "service": "m@n:gpu0"} / "unload" / "status" / "exit"
     -> {"id": 4, "cmd": "log", "path": "/disk/.gswarm-logs/m@n_disk.log"}   (stderr goes there)
 
@@ -110,7 +111,16 @@ class Worker:
             if model not in self.models:
                 raise LookupError(f"{model} is not resident on {self.device}")
             lm, tokenizer = await asyncio.to_thread(build_model, req["dir"], self.models[model], self.device)
-            server = BuiltinServer(model, lm, tokenizer, self.device)
+            names = req.get("names") or [model]
+            server = BuiltinServer(
+                model,
+                names,
+                lm,
+                tokenizer,
+                self.device,
+                req.get("max_model_len"),
+                req.get("max_waiting", 256),
+            )
             await server.start(req.get("host", "127.0.0.1"), int(req["port"]))
             self.servers[sid] = server
             host = req.get("host", "127.0.0.1")

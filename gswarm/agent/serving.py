@@ -43,6 +43,7 @@ from gswarm.ops import (
     ServeResult,
     StopArgs,
     StopResult,
+    decode_builtin_config,
 )
 from gswarm.protocol import Service, ServiceChanged, service_id
 from gswarm.states import ServiceState
@@ -328,6 +329,10 @@ class ServiceManager:
                 log_file.close()
             svc.pid = rt.proc.pid
             return
+        try:
+            cfg = decode_builtin_config(svc.config)
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_config") from None
         if rt.gpu is not None:
             pool = self.agent.gpu_pool
             if svc.model not in pool.resident.get(rt.gpu, {}):
@@ -344,6 +349,9 @@ class ServiceManager:
             dir=str(rt.model_dir),
             host=rt.host,
             port=svc.port,
+            names=cfg.names(svc.model),
+            max_model_len=cfg.max_model_len,
+            max_waiting=cfg.max_waiting,
         )
         svc.pid = rt.worker.pid
 

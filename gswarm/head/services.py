@@ -41,6 +41,7 @@ from gswarm.ops import (
     ServeArgs,
     ServeResult,
     StopArgs,
+    decode_builtin_config,
 )
 from gswarm.protocol import Event, Service, service_id
 
@@ -126,6 +127,11 @@ async def submit_serve(head: Head, body: ServeBody) -> Submitted:
             f"unknown backend {backend!r}: {dev.node} offers {', '.join(node.backends)}",
             code="unknown_backend",
         )
+    if backend == "builtin":
+        try:
+            decode_builtin_config(body.config)
+        except ValueError as exc:
+            raise BadRequest(str(exc), code="invalid_config", details={"field": "config"}) from None
     reg = head.registry
     on_node = [
         loc
