@@ -7,7 +7,10 @@ more than `max_fanout` at once). A target serves what it has while it still down
 becomes a source as soon as its first bytes arrive: with the default fanout of 1 the copies
 flow down a pipelined chain at the speed of one link; a larger fanout makes a tree of chains
 (more resilient, each link shared). The seed may itself still be downloading. A failed fetch
-is retried from another holder; the op ends with a result per target.
+is retried from another holder; the op ends with a result per target. A fetch goes out only
+while its target and a peer to read from have live agents: a holder or target whose agent is
+reconnecting (restarted, or this head was) is waited for until its node goes offline, and a
+target with no copy on an online node fails saying so.
 """
 
 from __future__ import annotations
@@ -122,6 +125,7 @@ class Replication:
             loc.device
             for loc in reg.model_locations(self.model)
             if parse_device(loc.device).tier in ("disk", "dram")
+            and self._online(loc.device)
             and (loc.state == "ready" or partial_holder(reg, self.model, loc.device))
         ]
         found.sort(key=lambda d: (d != first, reg.locations[(self.model, d)].state != "ready", self.load[d]))
@@ -146,8 +150,10 @@ class Replication:
                 await self._start_some(pending, active)
                 self._progress(len(targets))
                 if not active:
-                    if pending and self._sources_coming():
-                        await asyncio.sleep(0.1)  # the seed copy has not sent its first bytes yet
+                    if pending and (self._sources_coming() or self._reconnecting(pending)):
+                        # The seed copy has not sent its first bytes yet, or an agent this needs
+                        # is reconnecting (restarted, or this head was).
+                        await asyncio.sleep(0.1)
                         continue
                     break
                 await self._wait_any(active, 0.1 if pending else 5.0)
@@ -173,6 +179,21 @@ class Replication:
                     child, f"node {node.node_id} went offline during replication"
                 )
 
+    def _online(self, device: str) -> bool:
+        """The device's node counts as online (it may be reconnecting, within its grace)."""
+        node = self.head.registry.nodes.get(device.partition(":")[0])
+        return node is not None and node.status == "online"
+
+    def _connected(self, device: str) -> bool:
+        """The device's node has a live agent connection: it can take an op or serve peers."""
+        return device.partition(":")[0] in self.head.agents
+
+    def _reconnecting(self, pending: collections.deque[str]) -> bool:
+        """A pending target, or a holder, is online but has no agent connection yet: worth
+        waiting for (a node that does not come back goes offline, which ends the wait)."""
+        devices = [*pending, *self._holders()]
+        return any(self._online(d) and not self._connected(d) for d in devices)
+
     def _sources_coming(self) -> bool:
         reg = self.head.registry
         return any(incoming(reg, self.model, loc.device) for loc in reg.model_locations(self.model))
@@ -192,23 +213,28 @@ class Replication:
                 active[running.op_id] = (target, "")
                 busy_nodes.add(node)
                 continue
+            if not self._online(target):
+                self.results[target] = TargetOutcome(state="failed", error=f"node {node} is offline")
+                continue
+            holders = [h for h in self._holders() if h != target]
             sources = [
                 h
-                for h in self._holders()
+                for h in holders
                 if self.load[h] < self.fanout
                 and h not in self.failed_sources[target]
-                and h != target
+                and (h.partition(":")[0] == node or self._connected(h))  # a peer must serve now
                 and not (
                     h.partition(":")[0] == node and not self._ready(h)
                 )  # a local copy needs a whole source
             ]
-            if not any(h not in self.failed_sources[target] for h in self._holders() if h != target):
+            if not any(h not in self.failed_sources[target] for h in holders):
                 if self._sources_coming():
                     pending.append(target)  # a copy on its way will be able to serve it
                     continue
-                self.results[target] = TargetOutcome(state="failed", error="every holder failed to serve it")
+                error = "every holder failed to serve it" if holders else "no copy on an online node"
+                self.results[target] = TargetOutcome(state="failed", error=error)
                 continue
-            if node in busy_nodes or not sources:
+            if node in busy_nodes or not sources or not self._connected(target):
                 pending.append(target)
                 continue
             # A copy on the target's own node is a local copy, not a network transfer.
