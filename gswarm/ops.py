@@ -276,6 +276,13 @@ class ServeResult(Result, tag="serve"):
     url: str
     state: str
     pid: int = 0
+    source_tier: str = ""
+    """The local copy the server started from (dram before disk), or the GPU for builtin."""
+    freed: int = 0
+    """Bytes of gswarm's resident copy of the model freed on the GPU before a template
+    backend (vLLM) started: the hand-over, so the weights are not held twice."""
+    gpu_memory_utilization: float = 0.0
+    """The share of the GPU given to a template backend (`--gpu-memory-utilization`)."""
 
 
 class StopResult(Result, tag="stop"):

@@ -11,7 +11,7 @@ from gswarm.errors import BadRequest, Conflict, InsufficientSpace, NotFound
 from gswarm.head.copies import already_there, gpu_device, marking, present, require_node, write_result
 from gswarm.head.dispatcher import Outcome
 from gswarm.head.http import Submitted, json_response, query_int, read_json, submitted_response
-from gswarm.head.policy import local_source, where
+from gswarm.head.policy import check_gpu_share, local_source, where
 from gswarm.head.state import HEAD_KEY, Head
 from gswarm.ops import (
     HealthCheckArgs,
@@ -45,6 +45,13 @@ async def start_load(
     running = reg.open_writer(model, str(dev))
     if running is not None:
         return Submitted(running, 200)
+    svc = reg.services.get(service_id(model, str(dev)))
+    if svc is not None and svc.backend != "builtin" and svc.state not in ("failed", "stopped"):
+        raise Conflict(
+            f"{model} is served on {dev} by {svc.backend}, which holds its own copy of the weights "
+            "there: stop it first",
+            code="already_serving",
+        )
     size = reg.locations[(model, str(src))].size
     gpu = next(g for g in reg.nodes[dev.node].inventory.gpus if g.index == dev.gpu_index)
     if size > gpu.memory_free:
@@ -116,6 +123,8 @@ async def submit_serve(head: Head, body: ServeBody) -> Submitted:
     existing = reg.services.get(sid)
     if existing is not None and existing.state not in ("failed", "stopped"):
         raise Conflict(f"{model} is already served on {dev} at {existing.url}", code="already_serving")
+    if dev.is_gpu and backend != "builtin":
+        check_gpu_share(reg, model, dev, backend)
     # No host: the service listens where the node's operator said (127.0.0.1 by default).
     args = ServeArgs(model_name=model, device=str(dev), port=body.port, backend=backend, config=body.config)
     op = await head.dispatcher.submit(dev.node, args, body.timeout)
