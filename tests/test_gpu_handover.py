@@ -193,3 +193,16 @@ async def test_template_backend_refused_when_the_weights_do_not_fit(
     got = await _get(f"http://127.0.0.1:{port}/argv")
     assert got["argv"][-2:] == ["--gpu-memory-utilization", "0.05"]
     assert got["argv"][1] == str(node.stores["disk"].model_dir("small"))
+
+
+@needs_torch
+async def test_template_backend_needs_a_copy_to_load_from(
+    head: HeadServer, node: Agent, client: GswarmClient
+) -> None:
+    assert (await client.load("small", "w1:gpu0", wait=True)).state == "succeeded"
+    assert (await client.delete_location("small", "w1:disk", wait=True)).state == "succeeded"
+    # vLLM loads the weights itself: a resident copy alone is not enough (builtin would do).
+    with pytest.raises(Conflict) as conflict:
+        await client.serve("small", "w1:gpu0", free_port(), backend="standin")
+    assert conflict.value.code == "not_held" and "dram or disk" in conflict.value.message
+    assert node.gpu_pool.resident[0] == {"small": node.gpu_pool.resident[0]["small"]}  # untouched

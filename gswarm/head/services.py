@@ -109,16 +109,19 @@ async def submit_serve(head: Head, body: ServeBody) -> Submitted:
         for loc in reg.model_locations(model)
         if loc.device.partition(":")[0] == dev.node and loc.state == "ready"
     ]
-    if dev.is_gpu:
+    if dev.is_gpu and backend != "builtin":  # it loads the weights itself, from a local copy
+        usable = any(loc.device.split(":")[1] in ("disk", "dram") for loc in on_node)
+    elif dev.is_gpu:
         usable = any(
             loc.device == str(dev) or loc.device.split(":")[1] in ("disk", "dram") for loc in on_node
         )
     else:
         usable = any(loc.device == str(dev) for loc in on_node)
     if not usable:
-        raise Conflict(
-            f"{model} is not on {dev if not dev.is_gpu else dev.node}: {where(reg, model)}", code="not_held"
-        )
+        what = f"{dev.node}'s dram or disk ({backend} loads the weights itself)" if dev.is_gpu else str(dev)
+        if dev.is_gpu and backend == "builtin":
+            what = dev.node
+        raise Conflict(f"{model} is not on {what}: {where(reg, model)}", code="not_held")
     sid = service_id(model, str(dev))
     existing = reg.services.get(sid)
     if existing is not None and existing.state not in ("failed", "stopped"):
