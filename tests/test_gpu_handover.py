@@ -28,7 +28,7 @@ from gswarm.devices import gpu_memory_utilization
 from gswarm.errors import Conflict
 from gswarm.head.app import HeadServer
 from gswarm.ops import ServeResult
-from tests.conftest import AgentRunner, free_port, wait_for
+from tests.conftest import AgentRunner, Cli, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 needs_torch = pytest.mark.skipif(
@@ -110,7 +110,7 @@ def test_gpu_memory_utilization_leaves_headroom() -> None:
 
 @needs_torch
 async def test_template_backend_takes_the_gpu_over(
-    head: HeadServer, node: Agent, client: GswarmClient
+    head: HeadServer, node: Agent, client: GswarmClient, cli: Cli
 ) -> None:
     assert (await client.load("m", "w1:gpu0", wait=True)).state == "succeeded"
     assert ("m", "w1:gpu0") in head.head.registry.locations
@@ -118,9 +118,16 @@ async def test_template_backend_takes_the_gpu_over(
     assert resident >= 32 * MIB
 
     port = free_port()
-    op = await client.serve("m", "w1:gpu0", port, backend="standin", wait=True)
+    token = head.head.tokens.api_token
+    r = await cli.ainvoke("serve", "m", "w1:gpu0", str(port), "--backend", "standin",
+                          "--head-url", head.url, "--token", token)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    # Said by the CLI and in the op: the resident copy was freed, the server got 0.9 of the GPU,
+    # and it started from the dram copy.
+    assert f"serving at http://127.0.0.1:{port}; from w1:dram; gswarm's resident copy freed" in r.stdout
+    assert "--gpu-memory-utilization 0.90" in r.stdout
+    (op,) = [o for o in head.head.registry.ops.values() if o.kind == "serve"]
     assert op.state == "succeeded", op.error
-    # Said in the op: the resident copy was freed, the server got 0.9 of the GPU, from dram.
     assert isinstance(op.result, ServeResult)
     assert op.result.freed == resident
     assert op.result.source_tier == "dram"

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from gswarm.cli.common import err, out
 from gswarm.errors import GswarmError
-from gswarm.ops import HealthCheckResult, Op, WrittenCopy
+from gswarm.ops import HealthCheckResult, Op, ServeResult, WrittenCopy
 from gswarm.protocol import Job, JobAction, Notice, to_builtins
 
 
@@ -127,6 +127,8 @@ def done_line(op: Op) -> str:
     """What a succeeded op did, in words: written or already there, from which peer, and
     whether a move removed its source."""
     result = op.result
+    if isinstance(result, ServeResult):
+        return serve_line(op, result)
     if not isinstance(result, WrittenCopy):
         return "done"
     removed = (
@@ -141,6 +143,18 @@ def done_line(op: Op) -> str:
     size = f" ({human_size(result.size)})" if result.size else ""
     peer = f" from {result.from_peer}" if result.from_peer else ""
     return f"done{size}{peer}{removed}"
+
+
+def serve_line(op: Op, result: ServeResult) -> str:
+    """A started service in words: its URL, the copy it started from, the GPU hand-over."""
+    parts = [f"serving at {result.url}"]
+    if result.source_tier:
+        parts.append(f"from {op.node_id}:{result.source_tier}")
+    if result.freed:
+        parts.append(f"gswarm's resident copy freed for it ({human_size(result.freed)})")
+    if result.gpu_memory_utilization:
+        parts.append(f"--gpu-memory-utilization {result.gpu_memory_utilization:.2f}")
+    return "; ".join(parts)
 
 
 def health_line(op: Op) -> str:
