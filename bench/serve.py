@@ -2,7 +2,7 @@
 concurrent clients, and load throughput.
 
     python bench/serve.py [--size small|medium|large] [--runs 3] [--tokens 32] [--requests 2]
-                          [--no-cuda] [--json FILE] [--quick]
+                          [--threads N] [--no-cuda] [--json FILE] [--quick]
 
 Scenarios and anchors, all in one run on this machine:
 
@@ -28,6 +28,9 @@ Scenarios and anchors, all in one run on this machine:
     Anchor, in the same round: the same model driven directly with transformers `generate` in one
     fresh process (`from_pretrained` from the dram copy; 1 client = one prompt a call, 8 clients
     = a batch of 8 prompts a call, `--requests` calls each, after a warm-up call).
+    `--threads N` sets OMP_NUM_THREADS for every process of the run (the workers and the anchor
+    alike); on a small machine shared with other work, torch's two-thread default spends much of
+    its time waiting at barriers for a descheduled thread, which swamps what is measured.
 (c) with CUDA (`torch.cuda.is_available()` in this Python): dram -> real gpu0 `load` in GB/s (a
     second agent without `--simulate-gpus`) against torch's pinned host-to-device copy rate
     (target >= 0.8x) and `load_file(device="cuda")` in a fresh process (target >= 2x); without
@@ -509,7 +512,8 @@ def report(res: Results, args: argparse.Namespace) -> str:
         f"### Serving: time to first completion and load throughput ({m['date']})\n",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, Linux {m['kernel']}; "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-        f"safetensors {m['safetensors']}; dram dir on {m['dram_dir_fs']}; "
+        f"safetensors {m['safetensors']}; OMP_NUM_THREADS {m.get('omp_num_threads', '-')}; "
+        f"dram dir on {m['dram_dir_fs']}; "
         f"GPU: {res.cuda.get('device_name') or 'none'}. In the serve table gpu0 is a simulated GPU "
         "(host memory, the real GPU code path).\n",
         f"Command: `{m['command']}`\n",
@@ -707,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="rounds; medians are reported [3]")
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens a completion [32]")
     parser.add_argument("--requests", type=int, default=2, help="completions a client [2]")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every process [torch's default]")
     parser.add_argument("--no-cuda", action="store_true", help="skip the real-GPU section")
     parser.add_argument("--json", type=Path, help="also write every sample to this JSON file")
     parser.add_argument("--quick", action="store_true", help="smoke test: --size small --runs 1 --no-cuda")
@@ -717,7 +722,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tokens and --requests must be at least 1")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # every child inherits it
     res = Results(machine=machine_info())
+    res.machine["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS", "torch's default")
     dram_parent = "/dev/shm" if os.path.isdir("/dev/shm") else None
     res.machine["dram_dir_fs"] = "tmpfs (/dev/shm)" if dram_parent else "not tmpfs (no /dev/shm)"
     with (
