@@ -2,12 +2,13 @@
 backends (vLLM itself needs a GPU).
 
     python tests/standin_openai.py serve MODEL_DIR --served-model-name NAME --host H --port P
-        [--gpu-memory-utilization F] [anything else vLLM takes]
+        [--gpu-memory-utilization F] [--exit-after SECONDS] [anything else vLLM takes]
 
 Answers `GET /health`, `GET /v1/models` (the served name), `POST /v1/completions` (echoes the
 prompt back as the text) and `GET /argv`: the arguments it was started with and the
 CUDA_VISIBLE_DEVICES it got, so a test can check the command line gswarm built. It refuses to
-start (exit 2) unless MODEL_DIR is a directory, as vLLM would.
+start (exit 2) unless MODEL_DIR is a directory, as vLLM would. `--exit-after` makes it die (exit 1)
+that long after it started, for tests of a server that keeps dying.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--exit-after", type=float, default=0.0)
     args, _ = parser.parse_known_args()
     if not os.path.isdir(args.model):
         print(f"no model directory {args.model}", flush=True)
@@ -77,6 +80,8 @@ def main() -> None:
         def log_message(self, format: str, *args: Any) -> None:
             print(format % args, flush=True)
 
+    if args.exit_after > 0:
+        threading.Timer(args.exit_after, os._exit, (1,)).start()
     ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
 
 

@@ -46,8 +46,14 @@ CONFIG = ServingConfig(
         "standin": Template(
             command=[sys.executable, STANDIN, *VLLM.command[1:]], gpu_command=VLLM.gpu_command, env=VLLM.env
         ),
+        "dying": Template(
+            command=[sys.executable, STANDIN, *VLLM.command[1:], "--exit-after", "1.5"],
+            gpu_command=VLLM.gpu_command,
+            env=VLLM.env,
+        ),
     },
     health_interval=0.3,
+    max_restarts=1,
     stop_grace=3,
 )
 
@@ -213,3 +219,15 @@ async def test_template_backend_needs_a_copy_to_load_from(
         await client.serve("small", "w1:gpu0", free_port(), backend="standin")
     assert conflict.value.code == "not_held" and "dram or disk" in conflict.value.message
     assert node.gpu_pool.resident[0] == {"small": node.gpu_pool.resident[0]["small"]}  # untouched
+
+
+async def test_a_server_that_keeps_dying_gives_its_share_back(
+    head: HeadServer, node: Agent, client: GswarmClient
+) -> None:
+    op = await client.serve("small", "w1:gpu0", free_port(), backend="dying", wait=True)
+    assert op.state == "succeeded", op.error
+    assert node.gpu_pool.reserved[0] == {"small@w1:gpu0": int(0.9 * GIB)}
+    await wait_for(lambda: head.head.registry.services["small@w1:gpu0"].state == "failed", timeout=30)
+    assert head.head.registry.services["small@w1:gpu0"].gpu_memory == 0
+    assert node.gpu_pool.reserved[0] == {}
+    await wait_for(lambda: gpu_free(head) == GIB)

@@ -387,6 +387,8 @@ class ServiceManager:
                 rt.service.state = "failed"
                 rt.service.error = f"exited {rt.service.restarts + 1} times; not restarted again"
                 rt.service.log_tail = await asyncio.to_thread(tail, rt.log_path)
+                await self._release(rt)  # a dead server holds no GPU memory
+                rt.service.gpu_memory = 0
                 self._emit(rt)
                 return
             rt.service.restarts += 1
