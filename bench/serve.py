@@ -1,6 +1,8 @@
-"""Serving benchmark: time from `serve` to the first completion per tier, and load throughput.
+"""Serving benchmark: time from `serve` to the first completion per tier, tokens/s with 1 and 8
+concurrent clients, and load throughput.
 
-    python bench/serve.py [--size small|medium|large] [--runs 3] [--no-cuda] [--json FILE] [--quick]
+    python bench/serve.py [--size small|medium|large] [--runs 3] [--tokens 32] [--requests 2]
+                          [--threads N] [--no-cuda] [--json FILE] [--quick]
 
 Scenarios and anchors, all in one run on this machine:
 
@@ -19,6 +21,16 @@ Scenarios and anchors, all in one run on this machine:
     device="cpu")` of the same file from dram in a fresh process (only the call is timed); for
     scale, reading every weight once after it, and one plain copy of the file into a
     preallocated buffer (`readinto`). The first load (it starts the gpu0 worker) apart.
+(d) tokens/s: the builtin backend on `n1:gpu0` (loaded, served, one warm-up completion), then
+    1 and 8 clients at once, each sending `--requests` plain `POST /v1/completions` one after
+    another (`max_tokens` `--tokens`, temperature 0, the same prompt); tokens/s = the answers'
+    `usage.completion_tokens` over the wall time from the first request to the last answer.
+    Anchor, in the same round: the same model driven directly with transformers `generate` in one
+    fresh process (`from_pretrained` from the dram copy; 1 client = one prompt a call, 8 clients
+    = a batch of 8 prompts a call, `--requests` calls each, after a warm-up call).
+    `--threads N` sets OMP_NUM_THREADS for every process of the run (the workers and the anchor
+    alike); on a small machine shared with other work, torch's two-thread default spends much of
+    its time waiting at barriers for a descheduled thread, which swamps what is measured.
 (c) with CUDA (`torch.cuda.is_available()` in this Python): dram -> real gpu0 `load` in GB/s (a
     second agent without `--simulate-gpus`) against torch's pinned host-to-device copy rate
     (target >= 0.8x) and `load_file(device="cuda")` in a fresh process (target >= 2x); without
@@ -26,7 +38,8 @@ Scenarios and anchors, all in one run on this machine:
 
 The model is a random Llama-architecture checkpoint with a small BPE tokenizer, generated offline
 in a subprocess: `small` (~13 MB), `medium` (~410 MB fp32) or `large` (~1.6 GB bf16, meant for
-GPU machines). `--quick`: the small model, 1 round, no CUDA section (a smoke test). Processes
+GPU machines). `--quick`: the small model, 1 round, 16 tokens, 1 request a client, no CUDA section (a smoke
+test). Processes
 (bench/harness.py): the head and agents through the CLI on 127.0.0.1 (gswarm binds the agents'
 data servers and builtin servers to 0.0.0.0, which this script cannot change), with temporary
 state, disk and dram directories; everything is removed and every process stopped (with the
@@ -158,6 +171,23 @@ class LoadSample:
 
 
 @dataclass
+class ThroughputSample:
+    """Clients completing at once against one server (or the anchor's calls), one level."""
+
+    who: str  # "gswarm" (the builtin server) or "anchor" (transformers generate)
+    clients: int
+    requests: int  # completions answered
+    tokens: int  # completion tokens generated
+    seconds: float  # first request sent -> last answer
+    latencies: list[float] = field(default_factory=list)  # per request (per call for the anchor)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second, all clients together."""
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
 class Results:
     """Everything one run measured."""
 
@@ -170,6 +200,7 @@ class Results:
     loads: list[LoadSample] = field(default_factory=list)
     anchor_cpu: list[dict[str, float]] = field(default_factory=list)
     phases: list[dict[str, float]] = field(default_factory=list)
+    throughput: list[ThroughputSample] = field(default_factory=list)
     cuda: dict[str, Any] = field(default_factory=dict)
 
 
@@ -252,6 +283,69 @@ async def first_completion(client: GswarmClient, mode: str, device: str) -> Serv
     return ServeSample(mode, device, ttfc, (op.finished_at or op.created_at) - op.created_at, attempts)
 
 
+CLIENT_LEVELS = (1, 8)
+
+
+async def completions_at_once(url: str, clients: int, requests: int, tokens: int) -> ThroughputSample:
+    """`clients` clients at once, each sending `requests` plain completions one after another."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    latencies: list[float] = []
+    generated = 0
+    timeout = aiohttp.ClientTimeout(total=SERVE_TIMEOUT)
+
+    async def one_client(http: aiohttp.ClientSession) -> None:
+        nonlocal generated
+        for _ in range(requests):
+            t = time.perf_counter()
+            async with http.post(url, json=body, timeout=timeout) as r:
+                text = await r.text()
+                if r.status != 200:
+                    raise BenchError(f"completion: HTTP {r.status}: {text[:300]}")
+            latencies.append(time.perf_counter() - t)
+            usage = json.loads(text).get("usage") or {}
+            if "completion_tokens" not in usage:
+                raise BenchError(f"a completion without usage.completion_tokens: {text[:300]}")
+            generated += int(usage["completion_tokens"])
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(http) for _ in range(clients)))
+        seconds = time.perf_counter() - t0
+    return ThroughputSample("gswarm", clients, clients * requests, generated, seconds, latencies)
+
+
+async def bench_throughput(args: argparse.Namespace, res: Results, cluster: Cluster, model_dir: Path) -> None:
+    """Tokens/s of the builtin server on n1:gpu0 with 1 and 8 clients, then the anchor's."""
+    client = cluster.client
+    device = "n1:gpu0"
+    await run_op(client.load(MODEL, device, wait=True), f"load {device}", OP_TIMEOUT)
+    port = free_port()
+    await run_op(client.serve(MODEL, device, port, wait=True), f"serve {device}", SERVE_TIMEOUT)
+    url = f"http://{HOST}:{port}/v1/completions"
+    try:
+        await completions_at_once(url, 1, 1, args.tokens)  # warm-up
+        for clients in CLIENT_LEVELS:
+            log(f"  {clients} client(s) x {args.requests} completions of {args.tokens} tokens")
+            res.throughput.append(await completions_at_once(url, clients, args.requests, args.tokens))
+    finally:
+        try:
+            await asyncio.shield(client.stop_service(MODEL, device, wait=True))
+        except Exception as exc:  # keep the first error
+            log(f"stopping the {device} service: {exc}")
+    levels = ",".join(str(c) for c in CLIENT_LEVELS)
+    log("  anchor: transformers generate in one process")
+    anchor = await run_role(
+        cluster.env, "_generate", str(model_dir), str(args.tokens), str(args.requests), levels
+    )
+    for lv in anchor["levels"]:
+        res.throughput.append(
+            ThroughputSample(
+                "anchor", lv["clients"], lv["requests"], lv["tokens"], lv["seconds"], lv["latencies"]
+            )
+        )
+
+
 async def bench(args: argparse.Namespace, res: Results, cluster: Cluster, dram_root: Path) -> None:
     """Everything, in the cluster's directories."""
     env, root = cluster.env, cluster.root
@@ -303,6 +397,9 @@ async def bench(args: argparse.Namespace, res: Results, cluster: Cluster, dram_r
         log(f"round {r + 1}/{args.runs}: anchors")
         res.anchor_cpu.append(await run_role(env, "_anchor", str(dram_file), "cpu"))
         res.phases.append(await timed_phases(env, dram_copy))
+
+        log(f"round {r + 1}/{args.runs}: tokens/s, gpu0 (simulated) and the generate anchor")
+        await bench_throughput(args, res, cluster, dram_copy)
 
     if args.no_cuda:
         res.cuda = {"skipped": "--no-cuda"}
@@ -369,6 +466,45 @@ def _fmt(x: float, unit: str = "s") -> str:
     return f"{x:.2f} {unit}"
 
 
+def level_rates(res: Results, clients: int) -> tuple[float, float]:
+    """Median tokens/s of gswarm and of the anchor at one level of clients."""
+    ours = [s.tokens_per_s for s in res.throughput if s.who == "gswarm" and s.clients == clients]
+    anchor = [s.tokens_per_s for s in res.throughput if s.who == "anchor" and s.clients == clients]
+    return median(ours), median(anchor)
+
+
+def throughput_report(res: Results, args: argparse.Namespace) -> list[str]:
+    """The tokens/s table: gswarm's builtin server beside transformers `generate`."""
+    if not res.throughput:
+        return []
+    out = [
+        f"Tokens/s: the builtin backend on n1:gpu0 (simulated: the CPU), N clients at once, each "
+        f"sending {args.requests} plain `POST /v1/completions` one after another (max_tokens "
+        f"{args.tokens}, temperature 0, one prompt), after one warm-up completion; tokens are the "
+        "answers' `usage.completion_tokens`. Anchor: the same model with transformers `generate` "
+        "in one process (from the dram copy; N prompts as one batch a call, the same number of "
+        f"completions). Medians of {args.runs} round{'s' if args.runs > 1 else ''}.\n",
+        "| clients | gswarm tokens/s | request latency (median) | anchor tokens/s | anchor call "
+        "(median) | gswarm / anchor | samples (gswarm tok/s) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for clients in CLIENT_LEVELS:
+        ours, anchor = level_rates(res, clients)
+        mine = [s for s in res.throughput if s.who == "gswarm" and s.clients == clients]
+        theirs = [s for s in res.throughput if s.who == "anchor" and s.clients == clients]
+        lat = median([x for s in mine for x in s.latencies])
+        call = median([x for s in theirs for x in s.latencies])
+        tokens = sorted({s.tokens // max(1, s.requests) for s in mine + theirs})
+        out.append(
+            f"| {clients} | **{ours:.1f}** | {_fmt(lat)} | {anchor:.1f} | {_fmt(call)} | "
+            f"{ours / anchor:.2f}x | {', '.join(f'{s.tokens_per_s:.1f}' for s in mine)} |"
+        )
+        if len(tokens) > 1:
+            out.append(f"| | (tokens per completion differ: {tokens}) | | | | | |")
+    out.append("")
+    return out
+
+
 def report(res: Results, args: argparse.Namespace) -> str:
     """The results as markdown, ready for bench/README.md; the report table last."""
     m, mod = res.machine, res.model
@@ -376,7 +512,8 @@ def report(res: Results, args: argparse.Namespace) -> str:
         f"### Serving: time to first completion and load throughput ({m['date']})\n",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, Linux {m['kernel']}; "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-        f"safetensors {m['safetensors']}; dram dir on {m['dram_dir_fs']}; "
+        f"safetensors {m['safetensors']}; OMP_NUM_THREADS {m.get('omp_num_threads', '-')}; "
+        f"dram dir on {m['dram_dir_fs']}; "
         f"GPU: {res.cuda.get('device_name') or 'none'}. In the serve table gpu0 is a simulated GPU "
         "(host memory, the real GPU code path).\n",
         f"Command: `{m['command']}`\n",
@@ -419,6 +556,7 @@ def report(res: Results, args: argparse.Namespace) -> str:
             "`mincore(2)` right before `POST /serve`.\n"
         )
 
+    out += throughput_report(res, args)
     out.append("Load dram -> simulated gpu0 (the `load` op, untimed in the table above):\n")
     out.append("| what | median time | median throughput | samples (GB/s) |")
     out.append("| --- | ---: | ---: | --- |")
@@ -545,6 +683,17 @@ def report(res: Results, args: argparse.Namespace) -> str:
                 g / lf >= TARGET_LOAD_FILE,
             ),
         ]
+    for clients in CLIENT_LEVELS:
+        ours, anchor_tps = level_rates(res, clients)
+        table.append(
+            Comparison(
+                f"tokens/s, {clients} client{'s' if clients > 1 else ''} at once (builtin, gpu0 simulated)",
+                f"{ours:.1f} tok/s",
+                f"transformers `generate` {'batch of ' + str(clients) if clients > 1 else 'one prompt'}, "
+                f"one process {anchor_tps:.1f} tok/s",
+                ours / anchor_tps,
+            )
+        )
     setup = ", ".join(f"{k} {v:.1f} s" for k, v in res.setup.items())
     out.append(f"Setup (not part of the results): {setup}.\n")
     out.append("Ratios: time / anchor's time for the serve, throughput / anchor's throughput for loads.\n")
@@ -560,15 +709,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--size", choices=sorted(SIZES), default="medium", help="model size [medium]")
     parser.add_argument("--runs", type=int, default=3, help="rounds; medians are reported [3]")
+    parser.add_argument("--tokens", type=int, default=32, help="max_tokens a completion [32]")
+    parser.add_argument("--requests", type=int, default=2, help="completions a client [2]")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every process [torch's default]")
     parser.add_argument("--no-cuda", action="store_true", help="skip the real-GPU section")
     parser.add_argument("--json", type=Path, help="also write every sample to this JSON file")
     parser.add_argument("--quick", action="store_true", help="smoke test: --size small --runs 1 --no-cuda")
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.runs, args.no_cuda = "small", 1, True
+        args.size, args.runs, args.no_cuda, args.tokens, args.requests = "small", 1, True, 16, 1
+    if args.tokens < 1 or args.requests < 1:
+        parser.error("--tokens and --requests must be at least 1")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # every child inherits it
     res = Results(machine=machine_info())
+    res.machine["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS", "torch's default")
     dram_parent = "/dev/shm" if os.path.isdir("/dev/shm") else None
     res.machine["dram_dir_fs"] = "tmpfs (/dev/shm)" if dram_parent else "not tmpfs (no /dev/shm)"
     with (

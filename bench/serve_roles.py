@@ -8,7 +8,12 @@ fresh process, so that the benchmark's own process never imports torch.
 weight once, and one plain copy of the file); `_phases DIR` replays a CPU worker's steps one by
 one (it prints "ready" once torch is imported, so the parent can time process start + import);
 `_h2d NBYTES` measures torch's pinned and pageable host-to-device copy rates; `_cuda_check`
-says whether this Python's torch sees a CUDA device.
+says whether this Python's torch sees a CUDA device; `_generate DIR TOKENS REQUESTS LEVELS` is the
+anchor of serving throughput: the model driven directly with transformers `generate` in this one
+process (greedy, `TOKENS` new tokens; for each level of N clients, `REQUESTS` calls with a batch of N
+prompts), tokens counted as the builtin server counts them (up to and with the first EOS), the
+calls made from a thread of their own as the builtin server makes them (on a busy 2-core VM,
+`generate` on a process's main thread ran several times slower than on another thread).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +196,50 @@ def role_h2d(nbytes: str) -> dict[str, Any]:
     return {**rates, "bytes": n}
 
 
+def role_generate(model_dir: str, max_tokens: str, requests: str, levels: str) -> dict[str, Any]:
+    """Tokens/s of transformers `generate` on the model, one process, per level of clients."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+
+    def generate(batch: int) -> int:
+        enc = tokenizer([PROMPT] * batch, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=int(max_tokens), do_sample=False, pad_token_id=pad)
+        tokens = 0
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            tokens += row.index(eos) + 1 if eos in row else len(row)
+        return tokens
+
+    def measure() -> dict[str, Any]:
+        for _ in range(2):  # a fresh process: its first calls set up threads and the allocator
+            generate(1)
+        out: dict[str, Any] = {"levels": [], "threads": torch.get_num_threads()}
+        for n in (int(x) for x in levels.split(",")):
+            out["levels"].append(level(n))
+        return out
+
+    def level(n: int) -> dict[str, Any]:
+        generate(n)  # warm-up: the first call of a shape allocates
+        latencies = []
+        tokens = 0
+        t0 = time.perf_counter()
+        for _ in range(int(requests)):
+            t = time.perf_counter()
+            tokens += generate(n)
+            latencies.append(time.perf_counter() - t)
+        seconds = time.perf_counter() - t0
+        return {"clients": n, "requests": n * int(requests), "tokens": tokens, "seconds": seconds,
+                "latencies": latencies}  # fmt: skip
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(measure).result()
+
+
 def role_cuda_check() -> dict[str, Any]:
     """Whether this Python's torch sees a CUDA device."""
     import torch
@@ -204,6 +254,7 @@ ROLES: dict[str, Callable[..., dict[str, Any]]] = {
     "_phases": role_phases,
     "_h2d": role_h2d,
     "_cuda_check": role_cuda_check,
+    "_generate": role_generate,
 }
 
 

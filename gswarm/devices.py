@@ -91,3 +91,23 @@ def parse_device(address: str, field: str = "device") -> Device:
     if tier.startswith("gpu"):
         tier = f"gpu{int(tier[3:])}"
     return Device(node, tier)
+
+
+# ---------------------------------------------------------------- sharing a GPU
+
+GPU_HEADROOM = 0.05
+"""The fraction of a GPU's memory kept out of a served process's share: its CUDA context and
+allocator slack, taken before vLLM checks that its share is free."""
+MAX_GPU_UTILIZATION = 0.9
+"""The largest share given to one process: vLLM's own default for a GPU it has alone."""
+
+
+def gpu_memory_utilization(total: int, free: int) -> float:
+    """The `--gpu-memory-utilization` a process may be given on a GPU of `total` bytes with
+    `free` bytes that nothing else holds: what fits in `free` less the headroom, as a fraction
+    of `total` rounded down to 0.01 (vLLM refuses to start when `fraction * total` exceeds the
+    free memory it sees), at most `MAX_GPU_UTILIZATION`; 0.0 when nothing fits."""
+    if total <= 0:
+        return 0.0
+    usable = free - GPU_HEADROOM * total
+    return max(0.0, min(MAX_GPU_UTILIZATION, int(100 * usable / total) / 100))

@@ -338,6 +338,13 @@ class ServeResult(Result, tag="serve"):
     pid: int = 0
     already_running: bool = False
     """The same model, device, port and backend were served already: nothing was started."""
+    source_tier: str = ""
+    """The local copy the server started from (dram before disk), or the GPU for builtin."""
+    freed: int = 0
+    """Bytes of gswarm's resident copy of the model freed on the GPU before a template
+    backend (vLLM) started: the hand-over, so the weights are not held twice."""
+    gpu_memory_utilization: float = 0.0
+    """The share of the GPU given to a template backend (`--gpu-memory-utilization`)."""
 
 
 class StopResult(Result, tag="stop"):

@@ -212,6 +212,10 @@ class Service(msgspec.Struct):
     log_tail: str = ""
     started_at: float = 0.0
     updated_at: float = 0.0
+    gpu_memory: int = 0
+    """Bytes of its GPU's memory set aside for a command-template backend (vLLM's
+    `--gpu-memory-utilization` times the GPU's memory); 0 for the builtin backend, whose
+    weights are the resident copy, and off a GPU."""
 
 
 def service_id(model: str, device: str) -> str:

@@ -82,7 +82,7 @@ CONFIG = ServingConfig(
 async def node(
     head: HeadServer, agents: AgentRunner, client: GswarmClient, tiny_repo_dir: Path
 ) -> AsyncIterator[Agent]:
-    agent = await agents.start(head, "w1", serving_config=CONFIG, simulate_gpus="1:64M")
+    agent = await agents.start(head, "w1", serving_config=CONFIG, simulate_gpus="1:1G")
     op = await client.download("m", f"file://{tiny_repo_dir}", "w1:disk", wait=True)
     assert op.state == "succeeded", op.error
     yield agent

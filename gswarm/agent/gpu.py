@@ -16,7 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gswarm.errors import BadRequest, GswarmError, InsufficientSpace
+import msgspec
+
+from gswarm.devices import gpu_memory_utilization
+from gswarm.errors import BadRequest, Conflict, GswarmError, InsufficientSpace
 from gswarm.protocol import GpuInfo, Holding
 from gswarm.sizes import parse_size
 
@@ -251,8 +254,22 @@ class WorkerHandle:
             await self.proc.wait()
 
 
+class GpuShare(msgspec.Struct):
+    """What a command-template backend got on a GPU: the share it may use and what was freed
+    for it."""
+
+    utilization: float
+    """Its `--gpu-memory-utilization`."""
+    reserved: int
+    """Bytes set aside for it (utilization times the GPU's memory)."""
+    freed: int = 0
+    """Bytes of gswarm's resident copy of the model freed for it (the hand-over)."""
+
+
 class GpuPool:
-    """One worker per GPU holding models resident; memory checked before each load."""
+    """One worker per GPU holding models resident; memory checked before each load. Command
+    template backends (vLLM) get a share of a GPU's memory reserved, so loads and later
+    services count it as taken."""
 
     def __init__(self, probe: GpuProbe, log_dir: Path, on_lost: Callable[[int], None]) -> None:
         self.probe = probe
@@ -260,6 +277,8 @@ class GpuPool:
         self.on_lost = on_lost
         self.workers: dict[int, WorkerHandle] = {}
         self.resident: dict[int, dict[str, int]] = {}
+        self.reserved: dict[int, dict[str, int]] = {}
+        """Per GPU, bytes set aside for each template service (by service id)."""
         self._locks: dict[int, asyncio.Lock] = {}
 
     def _lock(self, gpu: int) -> asyncio.Lock:
@@ -298,8 +317,22 @@ class GpuPool:
         if self.workers.get(index) is not handle:
             return
         self.resident.pop(index, None)
-        self.probe.sim_used.pop(index, None)
+        if index in self.probe.sim_used:
+            self.probe.sim_used[index] = sum(self.reserved.get(index, {}).values())
         self.on_lost(index)
+
+    def free_bytes(self, info: GpuInfo) -> int:
+        """Memory of a GPU nothing holds: what NVML says is free, but no more than what gswarm's
+        resident copies and reserved shares leave (a server that has not allocated its share
+        yet still has it)."""
+        held = sum(self.resident.get(info.index, {}).values()) + sum(
+            self.reserved.get(info.index, {}).values()
+        )
+        return max(0, min(info.memory_free, info.memory_total - held))
+
+    def _sim_add(self, index: int, info: GpuInfo, nbytes: int) -> None:
+        if info.simulated:
+            self.probe.sim_used[index] = max(0, self.probe.sim_used.get(index, 0) + nbytes)
 
     async def load(
         self,
@@ -315,17 +348,17 @@ class GpuPool:
             if model in self.resident.get(index, {}):
                 return self.resident[index][model]
             info = await self.gpu(index)
-            if size > info.memory_free:
+            free = self.free_bytes(info)
+            if size > free:
                 raise InsufficientSpace(
-                    f"{model} needs {size} bytes, gpu{index} has {info.memory_free} free",
-                    details={"needed": size, "free": info.memory_free},
+                    f"{model} needs {size} bytes, gpu{index} has {free} free",
+                    details={"needed": size, "free": free},
                 )
             w = await self.worker(index)
             reply = await w.call("load", progress, model=model, dir=str(model_dir), files=files)
             resident = int(reply.get("bytes", size))
             self.resident.setdefault(index, {})[model] = resident
-            if info.simulated:
-                self.probe.sim_used[index] = self.probe.sim_used.get(index, 0) + resident
+            self._sim_add(index, info, resident)
             return resident
 
     async def unload(self, index: int, model: str) -> int:
@@ -341,6 +374,53 @@ class GpuPool:
             if index in self.probe.sim_used:
                 self.probe.sim_used[index] = max(0, self.probe.sim_used[index] - freed)
             return freed
+
+    async def hand_over(
+        self, index: int, model: str, needed: int, key: str, note: Callable[[str], None]
+    ) -> GpuShare:
+        """Give a GPU to a server that loads `model` itself (`needed` bytes of weights): free
+        gswarm's resident copy of it there first, and reserve the share the server gets (under
+        `key`, until `release`). Conflict naming the memory needed and free when the weights do
+        not fit beside what else holds the GPU; then nothing is freed."""
+        async with self._lock(index):
+            info = await self.gpu(index)
+            own = self.resident.get(index, {}).get(model, 0)
+            free = self.free_bytes(info) + own
+            utilization = gpu_memory_utilization(info.memory_total, free)
+            share = int(utilization * info.memory_total)
+            if needed > share:
+                others = {m: b for m, b in self.resident.get(index, {}).items() if m != model}
+                held = [f"{m} resident ({b} bytes)" for m, b in sorted(others.items())]
+                held += [f"service {k} ({b} bytes)" for k, b in sorted(self.reserved.get(index, {}).items())]
+                raise Conflict(
+                    f"{model} needs {needed} bytes of gpu{index}'s memory for its weights; "
+                    f"{share} bytes can be given ({free} free of {info.memory_total}, "
+                    f"less headroom)" + (f"; held by {', '.join(held)}" if held else ""),
+                    code="insufficient_gpu_memory",
+                    details={"needed": needed, "free": free, "share": share, "total": info.memory_total},
+                )
+            freed = 0
+            if own:
+                note(f"freeing gswarm's resident copy of {model} on gpu{index} ({own} bytes) for the server")
+                w = self.workers.get(index)
+                if w is not None and w.alive:
+                    await w.call("unload", model=model)
+                freed = self.resident[index].pop(model)
+                self._sim_add(index, info, -freed)
+                if not self.resident[index] and w is not None:
+                    # Nothing else lives in the worker: stop it, so its CUDA context goes too.
+                    self.workers.pop(index, None)
+                    await w.stop()
+            self.reserved.setdefault(index, {})[key] = share
+            self._sim_add(index, info, share)
+            return GpuShare(utilization=utilization, reserved=share, freed=freed)
+
+    async def release(self, index: int, key: str) -> None:
+        """Give back the share reserved for a server (it stopped)."""
+        async with self._lock(index):
+            share = self.reserved.get(index, {}).pop(key, 0)
+            if share and index in self.probe.sim_used:
+                self.probe.sim_used[index] = max(0, self.probe.sim_used[index] - share)
 
     def holdings(self) -> list[Holding]:
         """Every resident model, as holdings on tier gpuN."""

@@ -4,9 +4,15 @@ and the `load`, `serve`, `stop`, `health_check` and `logs` op handlers.
 Backends:
 - `builtin`: the OpenAI-compatible server inside the worker process that holds the weights
   (the GPU's worker for `gpuN`, a CPU worker of its own for `disk`/`dram`);
-- `vllm`: a vLLM OpenAI server subprocess pinned with CUDA_VISIBLE_DEVICES;
+- `vllm`: `vllm serve MODEL_DIR` (its OpenAI server) pinned with CUDA_VISIBLE_DEVICES;
 - named command templates from the agent's config file. The API names a template; it never
   sends a command line.
+
+A command-template backend (vLLM included) on a GPU loads the weights itself, from the node's
+fastest copy (dram before disk). The GPU is handed over first: gswarm's resident copy of the model
+there is freed, and the server gets `--gpu-memory-utilization` for the share of the GPU nothing
+else holds (other resident models, other servers' shares, other processes), reserved until it
+stops; when its weights do not fit in that share nothing starts (409 `insufficient_gpu_memory`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -28,7 +35,7 @@ import aiohttp
 import msgspec
 
 from gswarm.agent.context import OpContext
-from gswarm.agent.gpu import WorkerHandle
+from gswarm.agent.gpu import GpuShare, WorkerHandle
 from gswarm.devices import parse_device
 from gswarm.errors import BadRequest, Conflict, GswarmError, NotFound
 from gswarm.ops import (
@@ -55,11 +62,14 @@ log = logging.getLogger(__name__)
 
 
 class Template(msgspec.Struct):
-    """A serving command: placeholders {model}, {model_path}, {port}, {gpu}, {host}."""
+    """A serving command: placeholders {model}, {model_path}, {port}, {gpu}, {host} and
+    {gpu_memory_utilization} (the share of the GPU it may use, e.g. 0.9)."""
 
     command: list[str]
     health: str = "/health"
     env: dict[str, str] = msgspec.field(default_factory=dict)
+    gpu_command: list[str] = msgspec.field(default_factory=list)
+    """Arguments appended when served on a GPU (none off a GPU)."""
 
 
 class ServingConfig(msgspec.Struct):
@@ -75,11 +85,17 @@ class ServingConfig(msgspec.Struct):
     stop_grace: float = 10.0
 
 
+def vllm_executable() -> str:
+    """The `vllm` command of the agent's own environment if it has one, else from PATH."""
+    return shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm"
+
+
 VLLM = Template(
     command=[
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "{model_path}",
-        "--served-model-name", "{model}", "--host", "{host}", "--port", "{port}",
+        vllm_executable(), "serve", "{model_path}", "--served-model-name", "{model}",
+        "--host", "{host}", "--port", "{port}",
     ],
+    gpu_command=["--gpu-memory-utilization", "{gpu_memory_utilization}"],
     env={"CUDA_VISIBLE_DEVICES": "{gpu}"},
 )  # fmt: skip
 
@@ -97,6 +113,8 @@ class Runtime:
     """The address it listens on."""
     proc: asyncio.subprocess.Process | None = None
     worker: WorkerHandle | None = None
+    share: GpuShare | None = None
+    """A template backend's share of its GPU (reserved until it stops)."""
     task: asyncio.Task[None] | None = None
     stopping: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -233,9 +251,12 @@ class ServiceManager:
         config: dict[str, Any],
         model_dir: Path,
         host: str,
-    ) -> Service:
+        note: Callable[[str], None] = lambda _: None,
+    ) -> tuple[Service, GpuShare | None]:
         """Start a service listening on `host` (empty: the agent's own choice, 127.0.0.1 unless
-        its operator said otherwise) and wait until it answers its health check (or fails)."""
+        its operator said otherwise) and wait until it answers its health check (or fails).
+        A template backend on a GPU gets the GPU handed over first (see the module's docstring);
+        its share comes back with the service, and `note` hears each step."""
         sid = service_id(model, device)
         if sid in self.runtimes:
             rt = self.runtimes[sid]
@@ -251,7 +272,7 @@ class ServiceManager:
                     details={"service_id": sid, "port": rt.service.port, "backend": rt.service.backend},
                 )
             else:
-                return rt.service
+                return rt.service, rt.share
         if not 1 <= port <= 65535:
             raise BadRequest(f"port {port} is out of range (1-65535)", code="invalid_port")
         if not await asyncio.to_thread(port_free, port):
@@ -288,12 +309,23 @@ class ServiceManager:
             log_path = self.agent.gpu_pool.log_path(dev.gpu_index)
         rt = Runtime(svc, model_dir, template, dev.gpu_index, log_path, bind)
         self.runtimes[sid] = rt
+        try:
+            if template is not None and rt.gpu is not None:
+                needed = await asyncio.to_thread(copy_size, model_dir)
+                rt.share = await self.agent.gpu_pool.hand_over(rt.gpu, model, needed, sid, note)
+                svc.gpu_memory = rt.share.reserved
+                if rt.share.freed:
+                    self.agent.holdings_changed()
+        except BaseException:
+            self.runtimes.pop(sid, None)
+            raise
         self._emit(rt)
         try:
             await self._launch(rt)
             await self._wait_ready(rt)
         except BaseException as exc:
             await self._halt(rt)
+            await self._release(rt)
             self.runtimes.pop(sid, None)
             rt.service.state = "failed"
             rt.service.error = exc.message if isinstance(exc, GswarmError) else f"{type(exc).__name__}: {exc}"
@@ -303,7 +335,7 @@ class ServiceManager:
                 exc.message += f"\n--- last lines of {rt.log_path.name} ---\n{rt.service.log_tail}"
             raise
         rt.task = asyncio.create_task(self._supervise(rt), name=f"supervise-{sid}")
-        return rt.service
+        return rt.service, rt.share
 
     async def _launch(self, rt: Runtime) -> None:
         svc = rt.service
@@ -315,8 +347,10 @@ class ServiceManager:
                 "port": str(svc.port),
                 "gpu": "" if rt.gpu is None else str(rt.gpu),
                 "host": rt.host,
+                "gpu_memory_utilization": f"{rt.share.utilization:.2f}" if rt.share is not None else "",
             }
-            cmd = [part.format(**values) for part in rt.template.command]
+            parts = rt.template.command + (rt.template.gpu_command if rt.gpu is not None else [])
+            cmd = [part.format(**values) for part in parts]
             env = {**os.environ, **{k: v.format(**values) for k, v in rt.template.env.items()}}
             log_file = await asyncio.to_thread(open, rt.log_path, "ab")
             try:
@@ -440,6 +474,8 @@ class ServiceManager:
                 rt.service.state = "failed"
                 rt.service.error = f"exited {rt.service.restarts + 1} times; not restarted again"
                 rt.service.log_tail = await asyncio.to_thread(tail, rt.log_path)
+                await self._release(rt)  # a dead server holds no GPU memory
+                rt.service.gpu_memory = 0
                 self._emit(rt)
                 return
             rt.service.restarts += 1
@@ -484,6 +520,10 @@ class ServiceManager:
                 await rt.worker.stop()
             rt.worker = None
 
+    async def _release(self, rt: Runtime) -> None:
+        if rt.share is not None and rt.gpu is not None:
+            await self.agent.gpu_pool.release(rt.gpu, rt.service.service_id)
+
     async def stop(self, sid: str) -> Service:
         """Stop a service (SIGTERM, then SIGKILL after the grace period) and free its GPU memory."""
         rt = self.runtimes.pop(sid, None)
@@ -495,6 +535,7 @@ class ServiceManager:
             rt.task.cancel()
             await asyncio.gather(rt.task, return_exceptions=True)
         await self._halt(rt)
+        await self._release(rt)
         if rt.gpu is not None and rt.template is None:
             await self.agent.gpu_pool.unload(rt.gpu, rt.service.model)
             self.agent.holdings_changed()
@@ -516,6 +557,14 @@ class ServiceManager:
 
 
 # ---------------------------------------------------------------- model files
+
+
+def copy_size(model_dir: Path) -> int:
+    """Bytes of a published copy (from its manifest)."""
+    from gswarm.agent.stores import read_manifest
+
+    manifest = read_manifest(model_dir)
+    return manifest.size if manifest is not None else 0
 
 
 def safetensors_files(model_dir: Path) -> list[str]:
@@ -586,15 +635,29 @@ async def load(ctx: OpContext, args: LoadArgs) -> LoadResult:
 async def serve(ctx: OpContext, args: ServeArgs) -> ServeResult:
     """Start a service; succeeds once its health endpoint answers."""
     dev = parse_device(args.device)
-    if dev.is_gpu:
-        _, model_dir = await local_copy(ctx.agent, args.model_name, None)
-    else:
-        _, model_dir = await local_copy(ctx.agent, args.model_name, dev.tier)
-    ctx.progress(0, 0, f"starting {args.backend} on port {args.port}")
-    svc = await ctx.agent.services.start(
-        args.model_name, str(dev), args.backend, args.port, args.config, model_dir, args.host
+    source_tier, model_dir = await local_copy(ctx.agent, args.model_name, None if dev.is_gpu else dev.tier)
+    if dev.is_gpu and args.backend == "builtin":
+        source_tier = dev.tier  # it serves the resident copy (loaded from model_dir if need be)
+    ctx.progress(0, 0, f"starting {args.backend} on port {args.port} from {source_tier}")
+    svc, share = await ctx.agent.services.start(
+        args.model_name,
+        str(dev),
+        args.backend,
+        args.port,
+        args.config,
+        model_dir,
+        args.host,
+        lambda message: ctx.progress(0, 0, message),
     )
-    return ServeResult(service_id=svc.service_id, url=svc.url, state=svc.state, pid=svc.pid)
+    return ServeResult(
+        service_id=svc.service_id,
+        url=svc.url,
+        state=svc.state,
+        pid=svc.pid,
+        source_tier=source_tier,
+        freed=share.freed if share is not None else 0,
+        gpu_memory_utilization=share.utilization if share is not None else 0.0,
+    )
 
 
 async def stop(ctx: OpContext, args: StopArgs) -> StopResult:

@@ -130,7 +130,7 @@ def done_line(op: Op) -> str:
     if isinstance(result, ServeResult):
         if result.already_running:
             return f"already running at {result.url} ({result.state}), nothing started"
-        return f"{result.state} at {result.url}"
+        return serve_line(op, result)
     if isinstance(result, DeleteResult) and result.freed:
         return f"done (freed {human_size(result.freed)})"
     if not isinstance(result, WrittenCopy):
@@ -147,6 +147,18 @@ def done_line(op: Op) -> str:
     size = f" ({human_size(result.size)})" if result.size else ""
     peer = f" from {result.from_peer}" if result.from_peer else ""
     return f"done{size}{peer}{removed}"
+
+
+def serve_line(op: Op, result: ServeResult) -> str:
+    """A started service in words: its URL, the copy it started from, the GPU hand-over."""
+    parts = [f"serving at {result.url}"]
+    if result.source_tier:
+        parts.append(f"from {op.node_id}:{result.source_tier}")
+    if result.freed:
+        parts.append(f"gswarm's resident copy freed for it ({human_size(result.freed)})")
+    if result.gpu_memory_utilization:
+        parts.append(f"--gpu-memory-utilization {result.gpu_memory_utilization:.2f}")
+    return "; ".join(parts)
 
 
 def health_line(op: Op) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Container
 from dataclasses import dataclass
 
-from gswarm.devices import STORAGE_TIERS, Device, parse_device
+from gswarm.devices import STORAGE_TIERS, Device, gpu_memory_utilization, parse_device
 from gswarm.errors import BadRequest, Conflict, InsufficientSpace
 from gswarm.ops import ServeArgs
 from gswarm.protocol import Location, Service, service_id
@@ -246,3 +246,43 @@ def port_holder(reg: Registry, node: str, port: int, sid: str) -> Service | None
         if svc.port == port and svc.service_id != sid and svc.device.partition(":")[0] == node:
             return svc
     return None
+
+
+def check_gpu_share(reg: Registry, model: str, dev: Device, backend: str) -> None:
+    """Conflict (409 `insufficient_gpu_memory`) when a server that loads the weights itself
+    (`backend`, a command template such as vLLM) cannot get room for them on GPU `dev`, even
+    after gswarm's resident copy of `model` there is handed over to it. What else holds the GPU:
+    other models' copies on it, other servers' shares (`Service.gpu_memory`), and what the node's
+    last inventory says is taken; the agent checks again, live, before it starts anything."""
+    node = reg.nodes.get(dev.node)
+    gpu = next((g for g in node.inventory.gpus if g.index == dev.gpu_index), None) if node else None
+    if gpu is None:
+        return
+    copies = {
+        loc.device.split(":")[1]: loc.size
+        for loc in reg.model_locations(model)
+        if loc.device.partition(":")[0] == dev.node and loc.state == "ready"
+    }
+    needed = copies.get("dram") or copies.get("disk") or 0
+    own = copies.get(dev.tier, 0)
+    held: dict[str, int] = {
+        f"{loc.model} resident": loc.size
+        for (m, d), loc in reg.locations.items()
+        if d == str(dev) and m != model and loc.state not in ("failed", "deleting")
+    }
+    held |= {
+        f"service {sid}": svc.gpu_memory
+        for sid, svc in reg.services.items()
+        if svc.device == str(dev) and svc.gpu_memory and svc.state not in ("failed", "stopped")
+    }
+    free = min(gpu.memory_free + own, gpu.memory_total - sum(held.values()))
+    share = int(gpu_memory_utilization(gpu.memory_total, free) * gpu.memory_total)
+    if needed > share:
+        holders = ", ".join(f"{k} ({b} bytes)" for k, b in sorted(held.items()))
+        raise Conflict(
+            f"{backend} for {model} on {dev} needs {needed} bytes of GPU memory for its weights; "
+            f"{share} bytes can be given ({max(0, free)} free of {gpu.memory_total}, less headroom)"
+            + (f"; held by {holders}" if holders else ""),
+            code="insufficient_gpu_memory",
+            details={"needed": needed, "free": max(0, free), "share": share, "total": gpu.memory_total},
+        )

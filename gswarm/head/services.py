@@ -24,6 +24,7 @@ from gswarm.head.http import (
 )
 from gswarm.head.policy import (
     backed_services,
+    check_gpu_share,
     describe_service,
     live_services,
     local_source,
@@ -75,6 +76,13 @@ async def start_load(
     running = reg.open_writer(model, str(dev))
     if running is not None:
         return Submitted(running, 200)
+    svc = reg.services.get(service_id(model, str(dev)))
+    if svc is not None and svc.backend != "builtin" and svc.state not in ("failed", "stopped"):
+        raise Conflict(
+            f"{model} is served on {dev} by {svc.backend}, which holds its own copy of the weights "
+            "there: stop it first",
+            code="already_serving",
+        )
     size = reg.locations[(model, str(src))].size
     gpu = next(g for g in reg.nodes[dev.node].inventory.gpus if g.index == dev.gpu_index)
     if size > gpu.memory_free:
@@ -138,16 +146,19 @@ async def submit_serve(head: Head, body: ServeBody) -> Submitted:
         for loc in reg.model_locations(model)
         if loc.device.partition(":")[0] == dev.node and loc.state == "ready"
     ]
-    if dev.is_gpu:
+    if dev.is_gpu and backend != "builtin":  # it loads the weights itself, from a local copy
+        usable = any(loc.device.split(":")[1] in ("disk", "dram") for loc in on_node)
+    elif dev.is_gpu:
         usable = any(
             loc.device == str(dev) or loc.device.split(":")[1] in ("disk", "dram") for loc in on_node
         )
     else:
         usable = any(loc.device == str(dev) for loc in on_node)
     if not usable:
-        raise Conflict(
-            f"{model} is not on {dev if not dev.is_gpu else dev.node}: {where(reg, model)}", code="not_held"
-        )
+        what = f"{dev.node}'s dram or disk ({backend} loads the weights itself)" if dev.is_gpu else str(dev)
+        if dev.is_gpu and backend == "builtin":
+            what = dev.node
+        raise Conflict(f"{model} is not on {what}: {where(reg, model)}", code="not_held")
     sid = service_id(model, str(dev))
     # No host: the service listens where the node's operator said (127.0.0.1 by default).
     args = ServeArgs(model_name=model, device=str(dev), port=body.port, backend=backend, config=body.config)
@@ -162,6 +173,8 @@ async def submit_serve(head: Head, body: ServeBody) -> Submitted:
             code="port_in_use",
             details={"service_id": holder.service_id, "port": body.port},
         )
+    if dev.is_gpu and backend != "builtin":
+        check_gpu_share(reg, model, dev, backend)
     op = await head.dispatcher.submit(dev.node, args, body.timeout)
     return Submitted(op)
 
