@@ -30,6 +30,8 @@ from tests.test_serving_torch import tiny_llm  # noqa: F401 (the fixture)
 openai = pytest.importorskip("openai")
 
 pytestmark = [
+    # One worker runs the whole module, so its served model starts once (tox: --dist loadgroup).
+    pytest.mark.xdist_group("openai-conformance"),
     pytest.mark.timeout(240),
     pytest.mark.asyncio(loop_scope="module"),
     pytest.mark.skipif(
