@@ -68,6 +68,14 @@ async def _refused(head: HeadServer, *frames: str) -> tuple[int | None, str]:
                 return ws.close_code, str(msg.extra or "")
 
 
+def _db_max_seq(state_dir: Path) -> int:
+    conn = sqlite3.connect(state_dir / "gswarm.db")
+    try:
+        return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def _db_events(state_dir: Path) -> int:
     conn = sqlite3.connect(state_dir / "gswarm.db")
     try:
@@ -228,7 +236,12 @@ async def test_event_log_keeps_a_window(tmp_path: Path) -> None:
         async with GswarmClient(server.url, server.head.tokens.api_token) as c:
             for i in range(400):
                 await c.register_model(f"m{i}", "llm", metadata={"pad": "x" * 500})
-            await wait_for(lambda: _db_events(tmp_path / "state") <= 100 + 10, timeout=10)
+            # Written up to the newest event (the writer is a thread of its own), and pruned.
+            last = server.head.bus.last_seq
+            await wait_for(
+                lambda: _db_max_seq(tmp_path / "state") >= last and _db_events(tmp_path / "state") <= 110,
+                timeout=10,
+            )
             # GET /events pages are bounded in bytes; paging on reaches the newest event.
             page = await c.request("GET", "/events", params={"since": "0", "limit": "10000"})
             body = json.loads(page)
@@ -292,6 +305,22 @@ async def test_throttled_download_stops_within_a_second_of_cancel(
     assert (await client.cancel_op(op.op_id)).state == "cancelled"
     await wait_for(lambda: not _fetch_threads() and op.op_id not in agent.executor.running, timeout=1.0)
     print(f"\nthrottled download stopped {time.monotonic() - t0:.3f} s after cancel")
+    assert not agent.stores["disk"].partial_dir("tiny").exists()
+
+
+async def test_download_from_a_slow_source_stops_within_a_second_of_cancel(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, hub: Any
+) -> None:
+    """No limit of ours, but the source trickles (64 KiB/s): a worker blocked reading its 4 MiB
+    block is cut loose at once, not when the block has arrived (about a minute here)."""
+    agent = await agents.start(head, "w1")
+    hub.rate_limit = 64 << 10
+    op = await client.download("tiny", "org/tiny", "w1:disk")
+    await wait_for(
+        lambda: head.head.registry.ops[op.op_id].progress.done > 0 and _fetch_threads(), timeout=30
+    )
+    assert (await client.cancel_op(op.op_id)).state == "cancelled"
+    await wait_for(lambda: not _fetch_threads() and op.op_id not in agent.executor.running, timeout=1.0)
     assert not agent.stores["disk"].partial_dir("tiny").exists()
 
 

@@ -309,8 +309,11 @@ class RangeDownloader:
         schedule = _Schedule(work)
         errors: list[BaseException] = []
 
+        live: list[Connections] = []
+
         def worker() -> None:
             conns = Connections(self.timeout, self.tls)
+            live.append(conns)
             buf = bytearray(READ_BYTES)
             fds: dict[str, int] = {}
             own: _FileWork | None = None
@@ -347,8 +350,15 @@ class RangeDownloader:
         threads = [threading.Thread(target=worker, name=f"gswarm-fetch-{i}", daemon=True) for i in range(n)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        interrupted = False
+        while alive := [t for t in threads if t.is_alive()]:
+            if self.cancel.is_set() and not interrupted:
+                # A worker may be blocked reading a slow source: cut its socket so it sees the
+                # cancel now, not when its 4 MiB have arrived.
+                for conns in list(live):
+                    conns.interrupt()
+                interrupted = True
+            alive[0].join(0.05)
         self.state.flush()
         for w in work:
             if w.hash.complete:
