@@ -293,6 +293,21 @@ def _fetch_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("gswarm-fetch")]
 
 
+async def test_bandwidth_limit_holds_for_a_local_source_too(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, tiny_repo_dir: Path
+) -> None:
+    """A file:// download under a limit keeps to it (it used to copy at disk speed)."""
+    agent = await agents.start(head, "w1")
+    op = await client.download("tiny", f"file://{tiny_repo_dir}", "w1:disk", bandwidth_limit=8 << 20)
+    await wait_for(lambda: head.head.registry.ops[op.op_id].progress.done > 0, timeout=10)
+    t0 = time.monotonic()
+    await wait_for(lambda: time.monotonic() - t0 > 1.0)
+    done = head.head.registry.ops[op.op_id].progress.done
+    assert not head.head.registry.ops[op.op_id].terminal and done < 20 << 20, done
+    assert (await client.cancel_op(op.op_id)).state == "cancelled"
+    await wait_for(lambda: op.op_id not in agent.executor.running, timeout=1.0)
+
+
 async def test_throttled_download_stops_within_a_second_of_cancel(
     head: HeadServer, agents: AgentRunner, client: GswarmClient, hub: Any
 ) -> None:

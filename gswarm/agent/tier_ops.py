@@ -155,7 +155,7 @@ async def download(ctx: OpContext, args: DownloadArgs) -> DownloadResult:
                 peer_errors.append(exc.message)
         ctx.progress(0, 0, f"resolving {source}")
         if isinstance(source, FileSource):
-            return await _from_local(ctx, store, source, partial, cancel)
+            return await _from_local(ctx, store, source, partial, cancel, limit)
         return await _from_remote(ctx, store, source, args, partial, cancel, limit)
 
     result = await _new_copy(ctx, store, args.model_name, args.bandwidth_limit, produce, DownloadResult)
@@ -289,7 +289,12 @@ async def _from_remote(
 
 
 async def _from_local(
-    ctx: OpContext, store: TierStore, source: FileSource, partial: Path, cancel: threading.Event
+    ctx: OpContext,
+    store: TierStore,
+    source: FileSource,
+    partial: Path,
+    cancel: threading.Event,
+    limit: RateLimit | None = None,
 ) -> Manifest:
     root = Path(source.path)
     base, files = await asyncio.to_thread(_list_allowed, ctx.agent.file_roots, source.path)
@@ -301,7 +306,7 @@ async def _from_local(
     ctx.progress(0, total, f"copying {len(files)} files from {root}")
     try:
         await run_blocking(
-            cancel, copy_files, base, partial, files, counter, cancel, 4, ctx.agent.file_roots.check_fd
+            cancel, copy_files, base, partial, files, counter, cancel, 4, ctx.agent.file_roots.check_fd, limit
         )
         ctx.progress_source = None
         ctx.progress(total, total, "hashing")

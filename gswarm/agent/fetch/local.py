@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from gswarm.agent.fetch.common import ByteCounter, Cancelled, TransferError
+from gswarm.agent.fetch.common import ByteCounter, Cancelled, RateLimit, TransferError
 from gswarm.agent.stores import safe_relpath
 from gswarm.errors import BadRequest, NotFound
 
@@ -18,15 +18,25 @@ COPY_CHUNK_BYTES = 64 << 20
 
 
 def _copy_range(
-    src_fd: int, dst_fd: int, offset: int, length: int, counter: ByteCounter, cancel: threading.Event
+    src_fd: int,
+    dst_fd: int,
+    offset: int,
+    length: int,
+    counter: ByteCounter,
+    cancel: threading.Event,
+    limit: RateLimit | None = None,
 ) -> None:
     end = offset + length
     pos = offset
     use_cfr = hasattr(os, "copy_file_range")
+    # Under a limit, a tenth of a second's worth at a time, so the pace is even and cancel quick.
+    chunk = COPY_CHUNK_BYTES if limit is None else max(64 << 10, min(COPY_CHUNK_BYTES, limit.rate // 10))
     while pos < end:
         if cancel.is_set():
             raise Cancelled()
-        step = min(COPY_CHUNK_BYTES, end - pos)
+        step = min(chunk, end - pos)
+        if limit is not None:
+            limit.take(step)
         n = 0
         if use_cfr:
             try:
@@ -54,6 +64,7 @@ def copy_files(
     cancel: threading.Event,
     workers: int = 4,
     check_source: Callable[[int, str], None] | None = None,
+    limit: RateLimit | None = None,
 ) -> None:
     """Copy files (relative path, size) from `src` to `dst` with the kernel's copy path
     (`copy_file_range`), large files split across worker threads. `check_source` vets each
@@ -78,7 +89,7 @@ def copy_files(
                 check_source(s, str(src / rel))
             d = os.open(dst / rel, os.O_WRONLY)
             try:
-                _copy_range(s, d, off, length, counter, cancel)
+                _copy_range(s, d, off, length, counter, cancel, limit)
             finally:
                 os.close(d)
         finally:
