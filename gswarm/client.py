@@ -506,6 +506,9 @@ class GswarmClient:
                 url, params=params, heartbeat=10.0, timeout=aiohttp.ClientWSTimeout(ws_close=5.0)
             )
         except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 400:
+                # A refused handshake carries no body: the same query over REST says what is wrong.
+                await self.request("GET", "/events", params={**params, "limit": "1"})
             raise from_payload(exc.status, {"error": {"message": exc.message}}) from None
         except aiohttp.ClientConnectorCertificateError as exc:
             raise HeadUnreachable(

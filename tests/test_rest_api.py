@@ -9,6 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gswarm.client import GswarmClient
+from gswarm.errors import BadRequest
 from gswarm.head.app import HeadServer
 
 
@@ -150,3 +152,20 @@ async def test_ops_for_unknown_node_are_404(head: HeadServer) -> None:
     assert status == 404 and err["error"]["code"] == "node_not_found"
     status, err = await call(head, "POST", "/nodes/..%2Fetc/probe", {})
     assert status in (400, 404)
+
+
+async def test_unknown_topics_states_and_kinds_are_400_naming_the_choices(client: GswarmClient) -> None:
+    for path, params, field in [
+        ("/events", {"topic": "bogus"}, "topic"),
+        ("/events", {"topic": "op,nodes"}, "topic"),
+        ("/ops", {"state": "bogus"}, "state"),
+        ("/ops", {"kind": "teleport"}, "kind"),
+    ]:
+        with pytest.raises(BadRequest) as exc:
+            await client.request("GET", path, params=params)
+        assert exc.value.code == "invalid_query" and exc.value.details["field"] == field, exc.value.message
+    with pytest.raises(BadRequest) as exc:
+        async for _ in client.events(topics=["bogus"]):
+            break
+    assert "unknown topic 'bogus'" in exc.value.message
+    assert await client.list_ops(state="running", kind="download") == []

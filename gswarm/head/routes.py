@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
+from typing import get_args
 
 from aiohttp import WSMsgType, web
 
@@ -26,8 +28,9 @@ from gswarm.head.http import (
     read_json,
 )
 from gswarm.head.state import Head
-from gswarm.ops import Op, ProbeArgs, ProbeResult
+from gswarm.ops import KINDS, Op, ProbeArgs, ProbeResult
 from gswarm.protocol import Event, NodeRemoved, Notice, OpError, encode, holdings_problem, inventory_problem
+from gswarm.states import OpState
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +208,15 @@ def probe_result(head: Head, op: Op, outcome: Outcome) -> list[Event]:
 async def list_ops(request: web.Request) -> web.Response:
     """`GET /ops?node=&state=&kind=&limit=`, newest first."""
     reg = head_of(request).registry
-    q = request.query
+    node = request.query.get("node", "")
+    state = _one_of(request, "state", get_args(OpState))
+    kind = _one_of(request, "kind", KINDS)
     ops = [
         op
         for op in reg.ops.values()
-        if (not q.get("node") or op.node_id == q["node"])
-        and (not q.get("state") or op.state == q["state"])
-        and (not q.get("kind") or op.kind == q["kind"])
+        if (not node or op.node_id == node)
+        and (not state or op.state == state)
+        and (not kind or op.kind == kind)
     ]
     ops.sort(key=lambda o: o.created_at, reverse=True)
     return json_response({"ops": ops[: query_int(request, "limit", 200, lo=1)]})
@@ -236,9 +241,33 @@ async def cancel_op(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- events
 
 
+TOPICS = frozenset({"model", "node", "location", "op", "service", "job"})
+"""The event topics: the part of an event's kind before the dot."""
+
+
 def _topics(request: web.Request) -> frozenset[str]:
     raw = ",".join(request.query.getall("topic", []))
-    return frozenset(t.strip() for t in raw.split(",") if t.strip())
+    topics = frozenset(t.strip() for t in raw.split(",") if t.strip())
+    unknown = sorted(topics - TOPICS)
+    if unknown:
+        raise BadRequest(
+            f"unknown topic {unknown[0]!r}: topics are {', '.join(sorted(TOPICS))}",
+            code="invalid_query",
+            details={"field": "topic"},
+        )
+    return topics
+
+
+def _one_of(request: web.Request, name: str, allowed: Iterable[str]) -> str:
+    value = request.query.get(name, "")
+    choices = sorted(allowed)
+    if value and value not in choices:
+        raise BadRequest(
+            f"unknown {name} {value[:64]!r}: one of {', '.join(choices)}",
+            code="invalid_query",
+            details={"field": name},
+        )
+    return value
 
 
 async def list_events(request: web.Request) -> web.Response:
