@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,3 +175,27 @@ async def test_sync_client(head: HeadServer) -> None:
         assert sdk.health()["status"] == "ok"
 
     await asyncio.to_thread(use)
+
+
+async def test_events_into_a_pipe_that_closes_ends_quietly(head: HeadServer, cli: Cli) -> None:
+    """`gswarm events | head -2`: the reader leaves; at its next line the command stops with no
+    error line (as `tail -f | head` does)."""
+    for i in range(3):
+        r = await cli.ainvoke("register", f"m{i}", "llm", "--head-url", head.url)
+        assert r.returncode == 0, r.stderr
+    env = {**cli.env, "GSWARM_TOKEN": head.head.tokens.api_token}
+    pipeline = f"{sys.executable} -m gswarm events --json --since 0 --head-url {head.url} | head -2"
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-o", "pipefail", "-c", pipeline, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        await wait_for(lambda: proc.returncode is not None or head.head.bus.subscriber_count > 0, timeout=20)
+        r = await cli.ainvoke("register", "later", "llm", "--head-url", head.url)  # one more line
+        assert r.returncode == 0, r.stderr
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert len(out.decode().splitlines()) == 2, out
+    assert proc.returncode == 0 and b"error" not in err and b"Traceback" not in err, err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -49,6 +50,12 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
+    except BrokenPipeError:
+        # The reader went away (`gswarm events | head -2`): stop quietly, as `cat` does, and
+        # point stdout at /dev/null so the interpreter's final flush cannot complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
     except Exception as exc:  # one line, never a traceback
         fail(f"unexpected {type(exc).__name__}: {exc}")
     raise AssertionError("unreachable")
