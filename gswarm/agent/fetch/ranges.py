@@ -384,7 +384,8 @@ class RangeDownloader:
             if not schedule.active(w):
                 w.hash.catch_up(fd, self.state.prefix(w.file.rel), buf)
                 return
-            time.sleep(0.005)
+            if self.cancel.wait(0.005):
+                return
 
     def _probe_size(self, f: RemoteFile) -> None:
         conns = Connections(self.timeout, self.tls)
@@ -405,9 +406,8 @@ class RangeDownloader:
     def _wait_for_peer(self, waited: float) -> float:
         if waited >= STALL_TIMEOUT:
             raise TransferError(f"the peer sent nothing new for {STALL_TIMEOUT:g} s", code="source_stalled")
-        if self.cancel.is_set():
+        if self.cancel.wait(0.2):
             raise Cancelled()
-        time.sleep(0.2)
         return waited + 0.2
 
     def _fetch_chunk(
@@ -480,7 +480,8 @@ class RangeDownloader:
                         f"fetching {f.rel} failed after {_RETRIES} retries: {type(exc).__name__}: {exc}",
                         code="source_unreachable",
                     ) from None
-                time.sleep(min(2.0, 0.2 * 2**attempt))
+                if self.cancel.wait(min(2.0, 0.2 * 2**attempt)):
+                    raise Cancelled() from None
 
 
 def write_plan(partial: Path, model: str, files: list[RemoteFile], source: str, revision: str) -> None:
