@@ -88,13 +88,8 @@ class CopyAction(Action, tag="copy"):
         return [self.to]
 
 
-class MoveAction(Action, tag="move"):
-    """`move`: move `model` (the source goes once the target is verified)."""
-
-    model: ShortStr
-    from_: ShortStr = msgspec.field(name="from")
-    to: ShortStr
-    keep_source: bool = False
+class MoveAction(CopyAction, tag="move"):
+    """`move`: move `model` (the source goes once the target is verified); a copy's fields."""
 
     def writes(self) -> list[str]:
         return [self.from_, self.to]
