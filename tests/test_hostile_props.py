@@ -60,7 +60,7 @@ SOURCES = st.one_of(
             "file://relative/x",
             "file://",
             "http://[::1/x",
-            "http://h/",
+            "http://127.0.0.1:9/",
             "https://huggingface.co/",
             "https://huggingface.co/a/b/tree/",
             "o/m@",

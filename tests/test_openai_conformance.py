@@ -321,7 +321,7 @@ async def test_chat_content_parts_and_n(served: Served) -> None:
     )
     assert [c.message.content for c in out.choices] == [plain.choices[0].message.content] * 2
     with pytest.raises(openai.BadRequestError) as err:
-        image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+        image = [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/y.png"}}]
         await served.gpu.chat.completions.create(
             model="tiny-llm", messages=[{"role": "user", "content": image}], max_tokens=3
         )
