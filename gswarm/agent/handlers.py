@@ -28,9 +28,7 @@ from gswarm.ops import (
 
 async def probe(ctx: OpContext) -> Reply:
     """Re-read inventory and holdings and report them."""
-    inventory = await ctx.agent.inventory()
-    holdings = await ctx.agent.holdings()
-    partials = await ctx.agent.partials()
+    inventory, holdings, partials = await ctx.agent.survey()
     return Reply(ProbeResult(inventory=inventory, holdings=holdings, partials=partials), holdings)
 
 

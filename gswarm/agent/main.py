@@ -127,7 +127,8 @@ class Agent:
         self.spawn(self._report_holdings())
 
     async def _report_holdings(self) -> None:
-        self.send(HoldingsChanged(holdings=await self.holdings(), partials=await self.partials()))
+        holdings, partials = await self.copies()
+        self.send(HoldingsChanged(holdings=holdings, partials=partials))
 
     def _gpu_lost(self, index: int) -> None:
         log.warning("the worker of gpu%d died: its resident models are gone", index)
@@ -144,12 +145,26 @@ class Agent:
         """A fresh inventory (read in a thread)."""
         return await asyncio.to_thread(inventory_mod.collect, self.stores, self.gpus)
 
-    async def holdings(self) -> list[Holding]:
-        """Every published copy on this node (scanned in a thread)."""
-        on_disk = await asyncio.to_thread(
-            lambda: [h for store in self.stores.values() for h in store.holdings()]
-        )
-        return on_disk + self.gpu_pool.holdings()
+    async def copies(self) -> tuple[list[Holding], list[Holding]]:
+        """Every published copy on this node and every unfinished one, scanned in one thread hop."""
+        on_disk, partials = await asyncio.to_thread(lambda: (self._published(), self._unfinished()))
+        return on_disk + self.gpu_pool.holdings(), partials
+
+    async def survey(self) -> tuple[Inventory, list[Holding], list[Holding]]:
+        """A fresh inventory, the published copies and the unfinished ones, read in one thread
+        hop (a probe is on the control plane's round trip: each hop costs a loop turn)."""
+
+        def read() -> tuple[Inventory, list[Holding], list[Holding]]:
+            return inventory_mod.collect(self.stores, self.gpus), self._published(), self._unfinished()
+
+        inventory, on_disk, partials = await asyncio.to_thread(read)
+        return inventory, on_disk + self.gpu_pool.holdings(), partials
+
+    def _published(self) -> list[Holding]:
+        return [h for store in self.stores.values() for h in store.holdings()]
+
+    def _unfinished(self) -> list[Holding]:
+        return [h for store in self.stores.values() for h in store.partials()]
 
     async def _listen_for_peers(self, host: str) -> None:
         assert self.dataserver is not None
@@ -161,12 +176,6 @@ class Agent:
                 code="data_server_failed",
             ) from None
 
-    async def partials(self) -> list[Holding]:
-        """Every unfinished copy on this node's tiers (scanned in a thread)."""
-        return await asyncio.to_thread(
-            lambda: [h for store in self.stores.values() for h in store.partials()]
-        )
-
     async def _hello(self, local_host: str) -> Hello:
         listen = self.data_host or local_host
         self.reach_host = local_host if listen in serving.WILDCARD_HOSTS else listen
@@ -175,6 +184,7 @@ class Agent:
             scheme = "https" if self.dataserver.tls is not None else "http"
             self.data_url = f"{scheme}://{serving.url_host(self.reach_host)}:{self.dataserver.port}"
         credential = await asyncio.to_thread(load_credential, self.credential_file, self.node_id)
+        inventory, holdings, partials = await self.survey()
         return Hello(
             node_id=self.node_id,
             token="" if credential else self.token,
@@ -183,9 +193,9 @@ class Agent:
             instance_id=self.instance_id,
             agent_version=__version__,
             data_url=self.data_url,
-            inventory=await self.inventory(),
-            holdings=await self.holdings(),
-            partials=await self.partials(),
+            inventory=inventory,
+            holdings=holdings,
+            partials=partials,
             running=list(self.executor.running),
             finished=list(self.executor.outbox),
             services=self.services.services(),

@@ -223,13 +223,21 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_ClusterCollector(head))
+        # prometheus_client's `labels()` costs tens of µs a call (a lock, label checks); an op's
+        # end is on the control plane's hot path, so each (kind, outcome) child is looked up once.
+        self._ended: dict[tuple[str, str], tuple[PromCounter, PromHistogram]] = {}
 
     def op_ended(self, op: Op) -> None:
         """Count an op that has just reached an end state (once per op)."""
         outcome: OpState = op.state
-        self.ops.labels(op.kind, outcome).inc()
+        children = self._ended.get((op.kind, outcome))
+        if children is None:
+            children = (self.ops.labels(op.kind, outcome), self.op_seconds.labels(op.kind, outcome))
+            self._ended[(op.kind, outcome)] = children
+        count, seconds = children
+        count.inc()
         if op.finished_at is not None and op.created_at:
-            self.op_seconds.labels(op.kind, outcome).observe(max(0.0, op.finished_at - op.created_at))
+            seconds.observe(max(0.0, op.finished_at - op.created_at))
         if outcome != "succeeded":
             return  # a failed op's bytes are moved again when it is retried: count copies once
         moved = bytes_moved(op)
