@@ -36,6 +36,21 @@ FAST = {
 }
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In an xdist worker under `--dist loadgroup`, refuse to run when the `xdist_group` marks
+    did not take: the grouped modules (one served model for a whole module) would then be spread
+    over every worker and start their expensive fixtures again and again, silently."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid:
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked xdist_group but pytest-xdist could not tag it (pytest "
+                f"{pytest.__version__}): install the versions pyproject.toml's test extra names"
+            )
+
+
 def fast_settings(**overrides: Any) -> Settings:
     """Settings with short intervals so liveness tests run in seconds."""
     s = Settings()
