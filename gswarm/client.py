@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
@@ -493,7 +493,7 @@ class GswarmClient:
 
     async def events(
         self, since: int | None = None, topics: Iterable[str] = ()
-    ) -> AsyncIterator[Event | Notice]:
+    ) -> AsyncGenerator[Event | Notice, None]:
         """Follow the event socket: replay after `since` (if given), then live events."""
         params: dict[str, str] = {}
         if since is not None:

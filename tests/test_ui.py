@@ -1,22 +1,28 @@
 """`/ui`, the live dashboard: served without a token from files in the package, and driven in a
 real headless Chromium (Debian's `chromium`, through its `chromedriver`) against a real
 head and agents. Without a browser the browser test skips, saying why (`.ci/ensure-chromium`
-installs one as root). `GSWARM_UPDATE_SCREENSHOTS=1` writes the screenshot to `docs/ui.png`."""
+installs one as root). `GSWARM_UPDATE_SCREENSHOTS=1` writes the screenshots to `docs/ui.png`
+and `docs/watch.png` (a frame of `gswarm watch`, as SVG, shown in the same browser)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import re
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from rich.console import Console
 from yarl import URL
 
 from gswarm.agent.serving import ServingConfig, Template
+from gswarm.cli.watch import follow, frame, load_view
 from gswarm.client import GswarmClient
 from gswarm.head.app import HeadServer
 from tests.conftest import AgentRunner, free_port, wait_for
@@ -283,3 +289,63 @@ async def test_dashboard_serves_stops_and_cancels(
     await browser.until(f"return document.querySelector('{gone}').classList.contains('empty')")
     assert (await client.get_op(slow.op_id)).state == "cancelled"
     assert [line for line in await browser.console() if line.startswith(("SEVERE", "WARNING"))] == []
+
+
+async def test_watch_frame_of_a_cluster_at_work_as_a_screenshot(
+    head: HeadServer,
+    agents: AgentRunner,
+    client: GswarmClient,
+    tiny_repo_dir: Path,
+    hub: Any,
+    browser: Browser,
+    tmp_path: Path,
+) -> None:
+    """`gswarm watch` during a download, next to a service: its frame recorded as SVG by rich,
+    shown in the browser and screenshot (for the README)."""
+    config = ServingConfig(
+        templates={
+            "pyhttp": Template(
+                command=[sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"], health="/"
+            )
+        },
+        health_interval=0.3,
+    )
+    await agents.start(head, "gpu-node-1", simulate_gpus="2:80G", serving_config=config)
+    await agents.start(head, "gpu-node-2", simulate_gpus="2:80G")
+    ready = await client.download("tiny-chat", f"file://{tiny_repo_dir}", "gpu-node-1:disk", wait=True)
+    assert ready.state == "succeeded"
+    serve = await client.serve("tiny-chat", "gpu-node-1:disk", free_port(), backend="pyhttp", wait=True)
+    assert serve.state == "succeeded"
+
+    view = await load_view(client)
+    follower = asyncio.create_task(follow(client, view, lambda: None))
+    try:
+        hub.rate_limit = 12 * 1024 * 1024
+        op = await client.download("tiny", "org/tiny", "gpu-node-2:disk")
+        await wait_for(
+            lambda: (
+                (o := view.ops.get(op.op_id)) and o.progress.rate and o.progress.done * 3 > o.progress.total
+            )
+        )
+        console = Console(
+            width=80, record=True, file=io.StringIO(), force_terminal=True, color_system="truecolor"
+        )
+        console.print(frame(view, time.time()))
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await client.cancel_op(op.op_id)
+    svg = console.export_svg(title="gswarm watch")
+    svg = re.sub(r"@font-face\s*\{[^}]*\}", "", svg)  # fonts from a CDN: the local monospace will do
+    box = re.search(r'viewBox="0 0 ([\d.]+) ([\d.]+)"', svg)
+    assert box is not None
+    width, height = (round(float(n)) for n in box.groups())
+    page = tmp_path / "watch.html"
+    style = f"html,body{{margin:0;overflow:hidden;background:#fff}}svg{{display:block;width:{width}px}}"
+    page.write_text(f"<!doctype html><style>{style}</style><body>{svg}</body>")
+    await browser.get(page.as_uri())
+    text = await browser.js("return document.body.textContent.replaceAll('\\u00a0', ' ')")
+    assert "→ gpu-node-2:disk" in text and re.search(r"\d+% [\d.]+/73\.4 MB", text), text
+    assert "ready" in text and "tiny-chat" in text
+    target = DOCS if os.environ.get("GSWARM_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    await browser.screenshot(target / "watch.png", width=width, height=height)

@@ -110,9 +110,10 @@ class Browser:
         """A Chrome DevTools Protocol command."""
         return await self.command("POST", "/goog/cdp/execute", {"cmd": cmd, "params": params})
 
-    async def screenshot(self, path: Path, width: int = 1360) -> None:
-        """A PNG of the whole page, however long."""
-        height = int(await self.js("return document.documentElement.scrollHeight"))
+    async def screenshot(self, path: Path, width: int = 1360, height: int | None = None) -> None:
+        """A PNG of the whole page, however long (or of its top `height` pixels)."""
+        if height is None:
+            height = int(await self.js("return document.documentElement.scrollHeight"))
         metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
         await self.cdp("Emulation.setDeviceMetricsOverride", metrics)
         try:
