@@ -62,7 +62,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _setup_logging(verbose: bool) -> None:
-    """Log to stderr (DEBUG with --verbose), without aiohttp's access log or websockets' chatter."""
+    """Log to stderr (DEBUG with --verbose), without aiohttp's access log, websockets' chatter or
+    a line per Hub request from huggingface_hub's HTTP client."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -70,6 +71,8 @@ def _setup_logging(verbose: bool) -> None:
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2"):  # huggingface_hub 1.x, 2.x
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 async def _until_signal(*tasks: asyncio.Task[Any]) -> None:
