@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from gswarm.config import Settings
 from gswarm.head.app import HeadServer
@@ -199,3 +203,37 @@ async def test_events_into_a_pipe_that_closes_ends_quietly(head: HeadServer, cli
             await proc.wait()
     assert len(out.decode().splitlines()) == 2, out
     assert proc.returncode == 0 and b"error" not in err and b"Traceback" not in err, err
+
+
+def test_help_names_values_as_people_write_them(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No `<bool>`, `<str>` or `<list[str]>` in any command's help: a flag shows no value, an
+    option names its own (`--include GLOB`), an argument its name (`MODEL`). (Every command's
+    help from one build of the command tree: a `cli.invoke` each would rebuild it.)"""
+    import typer
+
+    from gswarm.cli import app
+
+    monkeypatch.setenv("COLUMNS", "100")
+    command = typer.main.get_command(app)
+    paths: list[tuple[str, ...]] = []
+
+    def walk(cmd: Any, path: tuple[str, ...]) -> None:
+        paths.append(path)
+        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+            walk(sub, (*path, name))
+
+    walk(command, ())
+    assert ("nodes", "remove") in paths and ("jobs", "show") in paths and len(paths) > 30
+    helps: dict[tuple[str, ...], str] = {}
+    for path in paths:
+        assert command.main([*path, "--help"], prog_name="gsmodel", standalone_mode=False) == 0
+        helps[path] = text = capsys.readouterr().out
+        assert "Usage: gsmodel" in text, path
+        assert not re.search(r"<[a-z][\w\[\], ]*>", text, re.IGNORECASE), (path, text)
+        assert re.search(r"--help +Show this message", text), (path, text)
+    assert re.search(r"--include +GLOB +Only files", helps["download",])
+    assert re.search(r"\* +MODEL +Model name", helps["download",])
+    assert re.search(r"--keep-source +Keep the source copy", helps["move",])
+    assert re.search(r"--all-nodes +disk\|dram ", helps["replicate",])

@@ -17,7 +17,7 @@ import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gswarm.cli.common import DetachOpt, HeadUrl, JsonOpt, TokenOpt, app, err, fail, out
+from gswarm.cli.common import DetachOpt, HeadUrl, HelpfulGroup, JsonOpt, TokenOpt, app, err, fail, out
 from gswarm.cli.processes import run
 from gswarm.cli.render import ago, finish_op, follow_op, health_line, human_size, print_json, print_op
 from gswarm.errors import GswarmError
@@ -49,10 +49,10 @@ def register(
     name: Annotated[str, typer.Argument(help="Model name")],
     model_type: Annotated[str, typer.Argument(metavar="TYPE", help="llm, diffusion, ...")],
     source_url: Annotated[
-        str | None, typer.Option("--source-url", help="Where the model comes from.")
+        str | None, typer.Option("--source-url", metavar="URL", help="Where the model comes from.")
     ] = None,
     metadata_file: Annotated[
-        Path | None, typer.Option("--metadata-file", help="JSON or YAML file of metadata.")
+        Path | None, typer.Option("--metadata-file", metavar="FILE", help="JSON or YAML file of metadata.")
     ] = None,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
@@ -130,6 +130,7 @@ nodes_app = typer.Typer(
     help="List nodes with their hardware and status ('nodes remove ID' forgets one).",
     invoke_without_command=True,
     add_completion=False,
+    cls=HelpfulGroup,
 )
 app.add_typer(nodes_app)
 
@@ -272,10 +273,10 @@ def download(
     ],
     device: Annotated[str, typer.Argument(help="Target, e.g. node1:disk")],
     include: Annotated[
-        list[str] | None, typer.Option("--include", help="Only files matching (glob).")
+        list[str] | None, typer.Option("--include", metavar="GLOB", help="Only files matching (glob).")
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="Skip files matching (glob).")
+        list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Skip files matching (glob).")
     ] = None,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
@@ -298,7 +299,9 @@ def copy(
     model: Annotated[str, typer.Argument(help="Model name")],
     source: Annotated[str, typer.Argument(metavar="FROM", help="Source device, e.g. node1:disk")],
     target: Annotated[str, typer.Argument(metavar="TO", help="Target device, e.g. node1:dram")],
-    verify: Annotated[str, typer.Option(help="size, or sha256 to re-hash the copy")] = "size",
+    verify: Annotated[
+        str, typer.Option(metavar="size|sha256", help="sha256 re-hashes the copy; size checks sizes only.")
+    ] = "size",
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
@@ -338,12 +341,16 @@ def move(
 def replicate(
     model: Annotated[str, typer.Argument(help="Model name")],
     targets: Annotated[
-        list[str] | None, typer.Argument(help="Target devices, e.g. node2:disk node3:disk")
+        list[str] | None, typer.Argument(metavar="DEVICE", help="Target devices, e.g. node2:disk node3:disk")
     ] = None,
-    all_nodes: Annotated[str | None, typer.Option("--all-nodes", help="Every online node's TIER.")] = None,
-    source: Annotated[str | None, typer.Option("--from", help="Start from this copy.")] = None,
+    all_nodes: Annotated[
+        str | None, typer.Option("--all-nodes", metavar="disk|dram", help="Every online node's tier.")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option("--from", metavar="DEVICE", help="Start from this copy.")
+    ] = None,
     max_fanout: Annotated[
-        int, typer.Option(help="Peers one holder serves at once (1: a pipelined chain).")
+        int, typer.Option(metavar="N", help="Peers one holder serves at once (1: a pipelined chain).")
     ] = 1,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
@@ -392,7 +399,8 @@ def load(
     model: Annotated[str, typer.Argument(help="Model name")],
     device: Annotated[str, typer.Argument(help="GPU device, e.g. node1:gpu0")],
     source: Annotated[
-        str | None, typer.Option("--from", help="Copy to load from [default: dram, else disk]")
+        str | None,
+        typer.Option("--from", metavar="DEVICE", help="Copy to load from [default: dram, else disk]"),
     ] = None,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
@@ -416,9 +424,11 @@ def serve(
     device: Annotated[str, typer.Argument(help="Device, e.g. node1:gpu0 (or node1:dram on the CPU)")],
     port: Annotated[int, typer.Argument(help="Port of the server on that node")],
     backend: Annotated[
-        str | None, typer.Option(help="builtin, vllm, or a template of the agent's config")
+        str | None, typer.Option(metavar="NAME", help="builtin, vllm, or a template of the agent's config")
     ] = None,
-    config: Annotated[str | None, typer.Option(help="JSON object of backend settings")] = None,
+    config: Annotated[
+        str | None, typer.Option(metavar="JSON", help="JSON object of backend settings")
+    ] = None,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
@@ -477,15 +487,17 @@ def services(head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt
 def logs(
     model: Annotated[str, typer.Argument(help="Model name")],
     device: Annotated[str, typer.Argument(help="Device it is served on")],
-    lines: Annotated[int, typer.Option(help="How many lines")] = 100,
+    lines: Annotated[int, typer.Option(metavar="N", help="How many lines")] = 100,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Then print what it gains, until the service stops.")
     ] = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
 ) -> None:
-    """Print the tail of a service's log (for the builtin backend on a GPU: that GPU's worker's
-    log, which its builtin services share)."""
+    """Print the tail of a service's log.
+
+    For the builtin backend on a GPU, that is the log of the GPU's worker, which its builtin
+    services share."""
 
     async def show(c: Any) -> None:
         first = True
@@ -518,7 +530,7 @@ def logs(
 def health(
     model: Annotated[str | None, typer.Argument(help="Model name (with DEVICE: one service)")] = None,
     device: Annotated[str | None, typer.Argument(help="Device it is served on")] = None,
-    node: Annotated[str | None, typer.Option(help="Check a whole node instead.")] = None,
+    node: Annotated[str | None, typer.Option(metavar="NODE", help="Check a whole node instead.")] = None,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
     json_out: JsonOpt = False,
@@ -580,8 +592,10 @@ def delete(
 
 @app.command()
 def ops(
-    node: Annotated[str | None, typer.Option(help="Only this node's ops.")] = None,
-    state: Annotated[str | None, typer.Option(help="Only ops in this state.")] = None,
+    node: Annotated[str | None, typer.Option(metavar="NODE", help="Only this node's ops.")] = None,
+    state: Annotated[
+        str | None, typer.Option(metavar="STATE", help="Only ops in this state (queued, running, failed...).")
+    ] = None,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
     json_out: JsonOpt = False,
@@ -625,9 +639,14 @@ def cancel(
 
 @app.command()
 def events(
-    since: Annotated[int | None, typer.Option(help="Replay events after this seq first.")] = None,
+    since: Annotated[
+        int | None, typer.Option(metavar="SEQ", help="Replay events after this seq first.")
+    ] = None,
     topic: Annotated[
-        list[str] | None, typer.Option(help="Only these topics: model, node, op, location.")
+        list[str] | None,
+        typer.Option(
+            metavar="TOPIC", help="Only this topic (repeatable): model, node, op, location, job, service."
+        ),
     ] = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Keep following live.")] = True,
     head_url: HeadUrl = None,

@@ -1,15 +1,64 @@
-"""What every command module of the CLI shares: the typer app, the consoles, the option types, `fail`.
+"""What every command module of the CLI shares: the typer app (and the group class that names
+every value in `--help` as a person reads it), the consoles, the option types, `fail`.
 
 It imports no other module of `gswarm.cli`, so each of them can import it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperGroup, TyperOption
+
+_VALUE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "path": "PATH", "Path": "PATH"}
+"""What an option's value is called in `--help` when it names none itself, by its type."""
+
+
+class _NamedArgument(TyperArgument):
+    """An argument whose `--help` row shows its name (`MODEL`) without typer's type column
+    (`<str>`, `<list[str]>`), which says nothing to a person."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+def _name_values(params: Iterable[Any], ctx: Any) -> None:
+    """Give every parameter a name for its value in `--help`: a flag none, an option its own
+    metavar or its type's (`TEXT`, `INTEGER`, `PATH`), an argument its name in capitals.
+    Newer typer versions otherwise print `<bool>`, `<str>` and `<list[str]>`."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.metavar is None:
+            if param.is_flag:
+                param.metavar = ""
+            else:
+                label = str(param.display_type(ctx)).strip("<>")
+                label = label.removeprefix("list[").removesuffix("]")
+                param.metavar = _VALUE_NAMES.get(label, label.upper())
+        elif isinstance(param, TyperArgument) and type(param) is TyperArgument:
+            if param.metavar is None:  # the usage line adds "..." to one taking many
+                param.metavar = (param.name or "value").upper()
+            param.__class__ = _NamedArgument
+
+
+class HelpfulGroup(TyperGroup):
+    """A command group whose `--help`, and its commands', names values as people write them
+    (see `_name_values`); the app and every sub-app use it."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)
+        _name_values(params, ctx)
+        return params
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _name_values(cmd.get_params(ctx), ctx)  # its --help option, made now, is kept
+        return cmd
+
 
 app = typer.Typer(
     name="gswarm",
@@ -17,20 +66,30 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=HelpfulGroup,
 )
 out = Console()  # results, on stdout
 err = Console(stderr=True)  # errors, progress and messages, on stderr
 
 HeadUrl = Annotated[
     str | None,
-    typer.Option("--head-url", envvar="GSWARM_HEAD_URL", help="Head URL [default: http://localhost:8100]"),
+    typer.Option(
+        "--head-url",
+        envvar="GSWARM_HEAD_URL",
+        metavar="URL",
+        help="Head URL [default: http://localhost:8100]",
+    ),
 ]
 TokenOpt = Annotated[
-    str | None, typer.Option("--token", envvar="GSWARM_TOKEN", help="API token (found locally if omitted)")
+    str | None,
+    typer.Option(
+        "--token", envvar="GSWARM_TOKEN", metavar="TOKEN", help="API token (found locally if omitted)"
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 StateDir = Annotated[
-    Path | None, typer.Option("--state-dir", help="Head state dir [default: ~/.local/share/gswarm]")
+    Path | None,
+    typer.Option("--state-dir", metavar="DIR", help="Head state dir [default: ~/.local/share/gswarm]"),
 ]
 DetachOpt = Annotated[bool, typer.Option("--detach", "-d", help="Return at once with the op id.")]
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from gswarm.cli.commands import open_client, with_client
-from gswarm.cli.common import DetachOpt, HeadUrl, JsonOpt, TokenOpt, app, err, fail, out
+from gswarm.cli.common import HeadUrl, HelpfulGroup, JsonOpt, TokenOpt, app, err, fail, out
 from gswarm.cli.processes import run
 from gswarm.cli.render import ago, follow_job, job_table, print_json
 from gswarm.config import Settings
@@ -21,7 +21,7 @@ from gswarm.protocol import Job
 def job(
     file: Annotated[Path, typer.Argument(help="Job file (YAML or JSON)")],
     check: Annotated[bool, typer.Option("--check", help="Validate only; print every problem.")] = False,
-    detach: DetachOpt = False,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Return at once with the job id.")] = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
     json_out: JsonOpt = False,
@@ -79,7 +79,9 @@ def job(
         raise typer.Exit(1)
 
 
-jobs_app = typer.Typer(help="List, show and cancel jobs.", no_args_is_help=False, invoke_without_command=True)
+jobs_app = typer.Typer(
+    help="List, show and cancel jobs.", no_args_is_help=False, invoke_without_command=True, cls=HelpfulGroup
+)
 app.add_typer(jobs_app, name="jobs")
 
 
