@@ -12,8 +12,12 @@
     └── InsufficientSpace            507 insufficient_space
 
 REST answers carry `{"error": {"code", "message", "details"}}`; `from_payload` turns such an
-answer back into the same exception on the client side. `expected` tells a failure the world
-causes (a GswarmError, a full disk, a refused connection) from a bug.
+answer back into the same exception on the client side. An error about a request field names it
+in `details["field"]`, and lists the plain words its message uses as field names in
+`details["fields"]`, so a client can put its own names for them in their place.
+
+`expected` tells a failure the world causes (a GswarmError, a full disk, a refused connection)
+from a bug.
 """
 
 from __future__ import annotations

@@ -86,6 +86,30 @@ async def test_errors_are_one_line_and_non_zero(head: HeadServer, cli: Cli) -> N
     assert r.returncode == 1 and "not known" in r.stderr
 
 
+async def test_errors_name_the_commands_flags_not_the_apis_fields(
+    head: HeadServer, agents: AgentRunner, cli: Cli
+) -> None:
+    """What a command sent is named as the command takes it (`--all-nodes`, `MODEL`), not as
+    the REST body or query calls it (`all_nodes`, `model_name`)."""
+    await agents.start(head, "w1")
+    url = ["--head-url", head.url]
+    expected = {
+        ("replicate", "m", "--all-nodes", "gpu0"): "error: --all-nodes: invalid enum value 'gpu0'",
+        ("replicate", "m", "w1:disk", "--max-fanout", "100"): "error: --max-fanout: expected `int` <= 64",
+        ("download", "m", "org/x", "w1:disk", "--include", "x" * 2000): "error: --include: expected `str`",
+        ("copy", "m", "w1:disk", "w1:dram", "--verify", "md5"): "error: --verify: invalid enum value 'md5'",
+        ("health",): "error: give MODEL and DEVICE (a service), or --node",
+        ("events", "--since", "-5", "--no-follow"): "error: --since '-5' is not an integer",
+        ("logs", "m", "w1:disk", "--lines", "0"): "error: --lines '0' is not an integer",
+        ("serve", "m", "w1:disk", "8000", "--config", "[1]"): "error: --config: expected `object`",
+        ("nodes", "remove", "w1"): "error: node 'w1' is online: stop its agent first, or pass --force",
+    }
+    for args, start in expected.items():
+        r = await cli.ainvoke(*args, *url)
+        assert r.returncode == 1 and r.stderr.startswith(start), (args, r.stderr)
+        assert not re.search(r"[a-z]+_[a-z]+|\$\.", r.stderr), (args, r.stderr)
+
+
 async def test_sigkilled_agent_goes_offline_and_returns(head: HeadServer, cli: Cli) -> None:
     url = head.url
     agent = cli.spawn("client", url, "--node-id", "w1", name="agent")

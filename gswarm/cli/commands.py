@@ -17,7 +17,19 @@ import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gswarm.cli.common import DetachOpt, HeadUrl, HelpfulGroup, JsonOpt, TokenOpt, app, err, fail, out
+from gswarm.cli.common import (
+    DetachOpt,
+    Flags,
+    HeadUrl,
+    HelpfulGroup,
+    JsonOpt,
+    TokenOpt,
+    app,
+    err,
+    fail,
+    in_cli_words,
+    out,
+)
 from gswarm.cli.processes import run
 from gswarm.cli.render import ago, finish_op, follow_op, health_line, human_size, print_json, print_op
 from gswarm.errors import GswarmError
@@ -34,14 +46,21 @@ def open_client(head_url: str | None, token: str | None) -> Any:
     return GswarmClient(head_url, token)
 
 
-def with_client(head_url: str | None, tok: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
-    """Open a client, await `fn(client)` under `run` and return its result."""
+def with_client(
+    head_url: str | None, tok: str | None, fn: Callable[[Any], Awaitable[T]], flags: Flags | None = None
+) -> T:
+    """Open a client, await `fn(client)` under `run` and return its result; an error names
+    what the command sent in its own words (`flags`)."""
 
     async def main() -> T:
         async with open_client(head_url, tok) as c:
             return await fn(c)
 
-    return run(main())
+    return run(main(), flags)
+
+
+MODEL = {"model_name": "MODEL"}
+FORCE = {"force": "--force"}
 
 
 @app.command()
@@ -68,8 +87,9 @@ def register(
         if loaded is not None and not isinstance(loaded, dict):
             fail(f"metadata file {metadata_file} must hold a mapping")
         metadata = loaded or {}
+    flags = {"name": "NAME", "type": "TYPE", "source_url": "--source-url", "metadata": "--metadata-file"}
     model: ModelView = with_client(
-        head_url, token, lambda c: c.register_model(name, model_type, source_url, metadata)
+        head_url, token, lambda c: c.register_model(name, model_type, source_url, metadata), flags
     )
     if json_out:
         print_json(model)
@@ -187,7 +207,7 @@ def nodes_remove(
     Its agent can no longer join as it, and grants for its data server stop working. Its copies
     and services leave the registry (the files stay on its disks). Refused while the node is
     online, unless --force."""
-    done: NodeRemoved = with_client(head_url, token, lambda c: c.remove_node(node_id, force))
+    done: NodeRemoved = with_client(head_url, token, lambda c: c.remove_node(node_id, force), FORCE)
     if json_out:
         print_json(done)
         return
@@ -240,7 +260,7 @@ async def _forcing(attempt: Callable[[bool], Awaitable[T]], force: bool) -> T:
         if not force:
             if not sys.stdin.isatty():
                 raise
-            err.print(exc.message, highlight=False, soft_wrap=True)
+            err.print(in_cli_words(exc, FORCE), highlight=False, soft_wrap=True)
             err.print(f"stop {services} and go on? [y/N] ", end="", highlight=False, markup=False)
             answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
             if answer not in ("y", "yes"):
@@ -256,13 +276,17 @@ def _run_op(
     detach: bool,
     json_out: bool,
     what: str,
+    flags: Flags,
 ) -> None:
+    """Start an op, follow it live (unless detached) and say how it ended; an error names what
+    the command sent in its own words (`flags`)."""
+
     async def main() -> Op:
         async with open_client(head_url, tok) as c:
             op = await start(c)
             return await follow_op(c, op, detach, json_out, what)
 
-    finish_op(run(main()), json_out, detach, what)
+    finish_op(run(main(), flags), json_out, detach, what)
 
 
 @app.command()
@@ -291,7 +315,17 @@ def download(
         detach,
         json_out,
         f"download {model} -> {device}",
+        {
+            **MODEL,
+            "source_url": "SOURCE",
+            "target_device": "DEVICE",
+            "allow_patterns": "--include",
+            "ignore_patterns": "--exclude",
+        },
     )
+
+
+COPY_FLAGS = {**MODEL, "source_device": "FROM", "target_device": "TO", "verify": "--verify"}
 
 
 @app.command()
@@ -310,7 +344,7 @@ def copy(
     """Copy a model between devices."""
     _run_op(
         head_url, token, lambda c: c.copy(model, source, target, verify=verify), detach, json_out,
-        f"copy {model} {source} -> {target}",
+        f"copy {model} {source} -> {target}", COPY_FLAGS,
     )  # fmt: skip
 
 
@@ -334,7 +368,8 @@ def move(
     def start(c: Any) -> Awaitable[Op]:
         return _forcing(lambda f: c.move(model, source, target, keep_source=keep_source, force=f), force)
 
-    _run_op(head_url, token, start, detach, json_out, f"move {model} {source} -> {target}")
+    flags = {**COPY_FLAGS, **FORCE, "keep_source": "--keep-source"}
+    _run_op(head_url, token, start, detach, json_out, f"move {model} {source} -> {target}", flags)
 
 
 @app.command()
@@ -378,7 +413,14 @@ def replicate(
                 final: Op = await c.wait_op(op.op_id, on_progress=update)
                 return final
 
-    op = run(main())
+    flags = {
+        **MODEL,
+        "targets": "DEVICE",
+        "all_nodes": "--all-nodes",
+        "source_device": "--from",
+        "max_fanout": "--max-fanout",
+    }
+    op = run(main(), flags)
     if json_out:
         print_json(op)
     elif detach and not op.terminal:
@@ -415,6 +457,7 @@ def load(
         detach,
         json_out,
         f"load {model} -> {device}",
+        {**MODEL, "device": "DEVICE", "source_device": "--from"},
     )
 
 
@@ -441,7 +484,8 @@ def serve(
         fail(f"--config is not JSON: {exc}")
     what = f"serve {model} on {device}:{port}"
     start = lambda c: c.serve(model, device, port, backend=backend, config=settings)  # noqa: E731
-    _run_op(head_url, token, start, detach, json_out, what)
+    flags = {**MODEL, "device": "DEVICE", "port": "PORT", "backend": "--backend", "config": "--config"}
+    _run_op(head_url, token, start, detach, json_out, what, flags)
 
 
 @app.command()
@@ -453,9 +497,9 @@ def stop(
     json_out: JsonOpt = False,
 ) -> None:
     """Stop serving a model and free its GPU memory."""
-    _run_op(
-        head_url, token, lambda c: c.stop_service(model, device), False, json_out, f"stop {model} on {device}"
-    )
+    start = lambda c: c.stop_service(model, device)  # noqa: E731
+    flags = {**MODEL, "device": "DEVICE"}
+    _run_op(head_url, token, start, False, json_out, f"stop {model} on {device}", flags)
 
 
 @app.command()
@@ -523,7 +567,7 @@ def logs(
     async def _one(c: Any) -> AsyncIterator[Any]:
         yield await c.log_chunk(model, device, lines=lines)
 
-    with_client(head_url, token, show)
+    with_client(head_url, token, show, {"lines": "--lines"})
 
 
 @app.command()
@@ -536,7 +580,8 @@ def health(
     json_out: JsonOpt = False,
 ) -> None:
     """Health-check a service or a node."""
-    op: Op = with_client(head_url, token, lambda c: c.health_check(model, device, node_id=node))
+    flags = {**MODEL, "device": "DEVICE", "node_id": "--node"}
+    op: Op = with_client(head_url, token, lambda c: c.health_check(model, device, node_id=node), flags)
     if json_out:
         print_json(op)
     else:
@@ -563,7 +608,7 @@ def rm(
     def start(c: Any) -> Awaitable[Op]:
         return _forcing(lambda f: c.delete_location(model, device, force=f), force)
 
-    _run_op(head_url, token, start, detach, json_out, f"rm {model} on {device}")
+    _run_op(head_url, token, start, detach, json_out, f"rm {model} on {device}", FORCE)
 
 
 @app.command()
@@ -580,7 +625,7 @@ def delete(
     """Remove every copy of a model, then the model. Its running services are stopped only
     when you say so (asked on a terminal)."""
     result: dict[str, Any] = with_client(
-        head_url, token, lambda c: _forcing(lambda f: c.delete_model(model, force=f), force)
+        head_url, token, lambda c: _forcing(lambda f: c.delete_model(model, force=f), force), FORCE
     )
     if json_out:
         print_json(result)
@@ -602,7 +647,9 @@ def ops(
 ) -> None:
     """List recent ops."""
     filters = {k: v for k, v in {"node": node, "state": state}.items() if v}
-    found: list[Op] = with_client(head_url, token, lambda c: c.list_ops(**filters))
+    found: list[Op] = with_client(
+        head_url, token, lambda c: c.list_ops(**filters), {"node": "--node", "state": "--state"}
+    )
     if json_out:
         print_json(found)
         return
@@ -679,4 +726,4 @@ def events(
                 show_event(msg)
 
     with contextlib.suppress(KeyboardInterrupt):
-        run(main())
+        run(main(), {"since": "--since", "topic": "--topic", "topics": "--topic"})

@@ -6,13 +6,16 @@ It imports no other module of `gswarm.cli`, so each of them can import it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from typer.core import TyperArgument, TyperGroup, TyperOption
+
+from gswarm.errors import GswarmError
 
 _VALUE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "path": "PATH", "Path": "PATH"}
 """What an option's value is called in `--help` when it names none itself, by its type."""
@@ -92,6 +95,37 @@ StateDir = Annotated[
     typer.Option("--state-dir", metavar="DIR", help="Head state dir [default: ~/.local/share/gswarm]"),
 ]
 DetachOpt = Annotated[bool, typer.Option("--detach", "-d", help="Return at once with the op id.")]
+
+
+Flags = Mapping[str, str]
+"""A command's words for what it sends a head: the API's name of a body field or query
+parameter (`all_nodes`, `since`, `force`) to the command's flag or argument (`--all-nodes`,
+`--since`, `--force`, `MODEL`)."""
+
+_REFUSED_FIELD = re.compile(r"invalid field: (?P<why>.*) - at `\$\.(?P<field>\w+)[^`]*`", re.DOTALL)
+_BAD_QUERY = re.compile(r"query parameter (?P<field>\w+)=(?P<rest>.*)", re.DOTALL)
+
+
+def in_cli_words(exc: GswarmError, flags: Flags) -> str:
+    """The head's message with the names of the API (which it must use: curl and the SDK see
+    the same message) replaced by the command's own. A refused body field or query parameter
+    leads with the flag (`--all-nodes: invalid enum value 'gpu0'`); elsewhere any snake_case
+    field, `force=true` and the plain words the error lists as fields (`details["fields"]`:
+    in "give model_name and device" `device` is one, in "invalid device" it is not) become the
+    command's words."""
+    message = exc.message
+    if (refused := _REFUSED_FIELD.fullmatch(message)) and refused["field"] in flags:
+        why = refused["why"]
+        return f"{flags[refused['field']]}: {why[:1].lower()}{why[1:]}"
+    if (query := _BAD_QUERY.fullmatch(message)) and query["field"] in flags:
+        return f"{flags[query['field']]} {query['rest']}"
+    named = {str(name) for name in exc.details.get("fields") or []}
+    words = {f"{name}=true": flag for name, flag in flags.items()}
+    words.update({name: flag for name, flag in flags.items() if "_" in name or name in named})
+    if not words:
+        return message
+    pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.$-])({pattern})(?![\w-])", lambda m: words[m[1]], message)
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -20,7 +20,7 @@ import typer
 import yaml
 
 from gswarm import __version__
-from gswarm.cli.common import JsonOpt, StateDir, app, err, fail, out
+from gswarm.cli.common import Flags, JsonOpt, StateDir, app, err, fail, in_cli_words, out
 from gswarm.cli.render import print_json
 from gswarm.config import (
     DEFAULT_PORT,
@@ -39,12 +39,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine; a GswarmError becomes one line on stderr and exit status 1."""
+def run(coro: Coroutine[Any, Any, T], flags: Flags | None = None) -> T:
+    """Run a coroutine; a GswarmError becomes one line on stderr and exit status 1, in the
+    command's words (`flags`: see `common.in_cli_words`)."""
     try:
         return asyncio.run(coro)
     except GswarmError as exc:
-        fail(exc.message)
+        fail(in_cli_words(exc, flags or {}))
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
