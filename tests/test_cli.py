@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from gswarm.client import GswarmClient
 from gswarm.config import Settings
 from gswarm.head.app import HeadServer
 from tests.conftest import AgentRunner, Cli, free_port, wait_for, wait_until
@@ -261,3 +262,35 @@ def test_help_names_values_as_people_write_them(
     assert re.search(r"\* +MODEL +Model name", helps["download",])
     assert re.search(r"--keep-source +Keep the source copy", helps["move",])
     assert re.search(r"--all-nodes +disk\|dram ", helps["replicate",])
+
+
+async def test_ops_and_nodes_fit_80_columns_one_line_a_row(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, cli: Cli
+) -> None:
+    """In an 80-column terminal (a real process, as a user runs it) every op and every node
+    takes one line of at most 80 characters: long cells are cut, low-value columns go, nothing
+    wraps onto a second line."""
+    await agents.start(head, "node-1", simulate_gpus="2:16G")
+    await agents.start(head, "node-2")
+    await client.probe("node-1", wait=True)
+    for node in ("node-1", "node-2"):
+        url = f"http://127.0.0.1:{free_port()}/weights/model.safetensors"
+        await client.download(f"model-on-{node}", url, f"{node}:disk", wait=True)
+    ops = await client.list_ops()
+    narrow = {"COLUMNS": "80"}
+    r_ops, r_nodes = await asyncio.gather(
+        cli.arun("ops", "--head-url", head.url, env=narrow),
+        cli.arun("nodes", "--head-url", head.url, env=narrow),
+    )
+    for r, keys in ((r_ops, [op.op_id for op in ops]), (r_nodes, ["node-1", "node-2"])):
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.rstrip("\n").split("\n")
+        assert all(len(line) <= 80 for line in lines), r.stdout
+        assert len(lines) == 2 + len(keys), r.stdout  # header, rule, a line a row
+        for key, line in zip(keys, lines[2:], strict=True):
+            assert line.startswith(key), r.stdout
+    for op, line in zip(ops, r_ops.stdout.split("\n")[2:], strict=False):
+        assert op.kind in line and op.node_id in line and op.state in line, line
+        if op.error is not None:
+            assert "cannot reach 127.0.0.1:" in line and line.rstrip().endswith("…"), line
+    assert "2x simulated GPU" in r_nodes.stdout and "online" in r_nodes.stdout

@@ -25,10 +25,13 @@ from gswarm.cli.common import (
     JsonOpt,
     TokenOpt,
     app,
+    cut,
     err,
     fail,
     in_cli_words,
     out,
+    short_age,
+    table_of,
 )
 from gswarm.cli.processes import run
 from gswarm.cli.render import ago, finish_op, follow_op, health_line, human_size, print_json, print_op
@@ -169,27 +172,55 @@ def nodes(
     if not found:
         out.print("no nodes yet: start an agent with 'gswarm client HEAD_URL --node-id ID'")
         return
-    table = Table("node", "status", "host", "address", "cpus", "memory", "disk free", "dram free", "gpus")
-    for n in found:
-        inv = n.inventory
-        tiers = {t.name: t for t in inv.tiers}
-        gpus = ", ".join(
-            f"{g.index}: {g.name} {human_size(g.memory_total)}{' (sim)' if g.simulated else ''}"
-            for g in inv.gpus
+    out.print(_nodes_table(found, out.width))
+
+
+def _nodes_table(found: list[Node], width: int) -> Table:
+    """One line a node; the host and address columns go when the table would not fit `width`."""
+    for columns in (NODE_COLUMNS, NARROW_NODE_COLUMNS):
+        table = table_of(columns)
+        for n in found:
+            cells = _node_cells(n)
+            table.add_row(*(cells[c] for c in columns[:-1]), cut(cells[columns[-1]]))
+        if out.measure(table, options=out.options.update_width(1 << 16)).maximum <= width:
+            break
+    return table
+
+
+NODE_COLUMNS = ("node", "status", "host", "address", "cpus", "memory", "disk free", "dram free", "gpus")
+NARROW_NODE_COLUMNS = ("node", "status", "cpus", "memory", "disk free", "dram free", "gpus")
+
+
+def _node_cells(n: Node) -> dict[str, str]:
+    inv = n.inventory
+    tiers = {t.name: t for t in inv.tiers}
+    status = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(n.status, n.status)
+    return {
+        "node": n.node_id,
+        "status": f"{status} {short_age(n.status_since)}",
+        "host": n.hostname or "-",
+        "address": (n.addresses or ["-"])[0],
+        "cpus": str(inv.cpu_count or "-"),
+        "memory": human_size(inv.memory_total) if inv.memory_total else "-",
+        "disk free": human_size(tiers["disk"].free) if "disk" in tiers else "-",
+        "dram free": human_size(tiers["dram"].free) if "dram" in tiers else "-",
+        "gpus": _gpus(n),
+    }
+
+
+def _gpus(n: Node) -> str:
+    """A node's GPUs, alike ones counted: `2x NVIDIA H100 (80.0 GB)`, `(sim)` for simulated."""
+    kinds: dict[tuple[str, int, bool], int] = {}
+    for g in n.inventory.gpus:
+        key = (g.name, g.memory_total, g.simulated)
+        kinds[key] = kinds.get(key, 0) + 1
+    return (
+        ", ".join(
+            f"{count}x {name} ({human_size(memory)}){' (sim)' if sim and 'simulated' not in name else ''}"
+            for (name, memory, sim), count in kinds.items()
         )
-        status = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(n.status, n.status)
-        table.add_row(
-            n.node_id,
-            f"{status} {ago(n.status_since)}",
-            n.hostname or "-",
-            (n.addresses or ["-"])[0],
-            str(inv.cpu_count or "-"),
-            human_size(inv.memory_total) if inv.memory_total else "-",
-            human_size(tiers["disk"].free) if "disk" in tiers else "-",
-            human_size(tiers["dram"].free) if "dram" in tiers else "-",
-            gpus or "none",
-        )
-    out.print(table)
+        or "none"
+    )
 
 
 @nodes_app.command("remove")
@@ -653,20 +684,33 @@ def ops(
     if json_out:
         print_json(found)
         return
-    table = Table("op", "kind", "node", "state", "progress", "created", "error")
+    out.print(_ops_table(found, out.width))
+
+
+def _ops_table(found: list[Op], width: int) -> Table:
+    """One line an op, whole ids (what `cancel` takes); the error is cut to what the width leaves
+    (`--json` has it all). Progress is shown for open ops only, as a percentage below 120
+    columns, and its column only when one has some."""
+    rows = []
     for op in found:
         p = op.progress
-        prog = f"{human_size(p.done)}/{human_size(p.total)}" if p.total else "-"
-        table.add_row(
-            op.op_id,
-            op.kind,
-            op.node_id,
-            op.state,
-            prog,
-            ago(op.created_at),
-            op.error.message if op.error else "",
-        )
-    out.print(table)
+        done = "-"
+        if op.terminal or not (p.done or p.total):
+            pass
+        elif not p.total:
+            done = human_size(p.done)
+        elif width >= 120:
+            done = f"{human_size(p.done)}/{human_size(p.total)}"
+        else:
+            done = f"{100 * p.done // p.total}%"
+        error = op.error.message if op.error else ""
+        rows.append((op.op_id, op.kind, op.node_id, op.state, done, short_age(op.created_at), error))
+    with_done = any(row[4] != "-" for row in rows)
+    columns = ("op", "kind", "node", "state", "done", "age", "error")
+    table = table_of([c for c in columns if with_done or c != "done"])
+    for *cells, error in rows:
+        table.add_row(*[c for i, c in enumerate(cells) if with_done or i != 4], cut(error))
+    return table
 
 
 @app.command()

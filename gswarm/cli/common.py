@@ -7,12 +7,16 @@ It imports no other module of `gswarm.cli`, so each of them can import it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from gswarm.errors import GswarmError
@@ -126,6 +130,33 @@ def in_cli_words(exc: GswarmError, flags: Flags) -> str:
         return message
     pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
     return re.sub(rf"(?<![\w.$-])({pattern})(?![\w-])", lambda m: words[m[1]], message)
+
+
+def table_of(columns: Sequence[str]) -> Table:
+    """A listing that fits the terminal: no borders, one line a row; cells never wrap, and the
+    last column (an error, a list) is cut with an ellipsis to what the others leave it. Give its
+    cells through `cut`."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+    for name in columns[:-1]:
+        table.add_column(name, no_wrap=True, overflow="ellipsis")
+    table.add_column(columns[-1], overflow="ellipsis", min_width=min(len(columns[-1]), 8))
+    return table
+
+
+def cut(text: str) -> Text:
+    """A cell of a `table_of` table's last column: one line, cut with an ellipsis."""
+    return Text(text, no_wrap=True, overflow="ellipsis")
+
+
+def short_age(ts: float) -> str:
+    """How long ago, in a few characters: `5s`, `3m`, `2h`, `4d` (`-` for never)."""
+    if not ts:
+        return "-"
+    d = max(0.0, time.time() - ts)
+    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+        if d >= seconds:
+            return f"{d // seconds:.0f}{unit}"
+    return f"{d:.0f}s"
 
 
 def fail(message: str, code: int = 1) -> None:
