@@ -1,5 +1,6 @@
 """What every command module of the CLI shares: the typer app (and the group class that names
-every value in `--help` as a person reads it), the consoles, the option types, `fail`.
+every value in `--help` as a person reads it), the consoles, the option types, errors in a
+command's own words (`in_cli_words`), listings that fit the terminal (`table_of`), `fail`.
 
 It imports no other module of `gswarm.cli`, so each of them can import it.
 """
@@ -48,6 +49,7 @@ def _name_values(params: Iterable[Any], ctx: Any) -> None:
         elif isinstance(param, TyperArgument) and type(param) is TyperArgument:
             if param.metavar is None:  # the usage line adds "..." to one taking many
                 param.metavar = (param.name or "value").upper()
+            # typer builds its own TyperArgument, whose type column has no other hook.
             param.__class__ = _NamedArgument
 
 
