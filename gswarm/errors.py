@@ -12,11 +12,18 @@
     └── InsufficientSpace            507 insufficient_space
 
 REST answers carry `{"error": {"code", "message", "details"}}`; `from_payload` turns such an
-answer back into the same exception on the client side.
+answer back into the same exception on the client side. An error about a request field names it
+in `details["field"]`, and lists the plain words its message uses as field names in
+`details["fields"]`, so a client can put its own names for them in their place.
+
+`expected` tells a failure the world causes (a GswarmError, a full disk, a refused connection)
+from a bug.
 """
 
 from __future__ import annotations
 
+import errno
+import socket
 from typing import Any, ClassVar
 
 
@@ -121,3 +128,38 @@ def from_payload(status: int, payload: Any) -> GswarmError:
             details=err.get("details") or {},
         )
     return cls(f"HTTP {status}: {str(payload)[:200]}")
+
+
+_NETWORK_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EPIPE,
+    }
+)
+_DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def expected(exc: BaseException) -> GswarmError | None:
+    """`exc` as the error to report when it is a failure the world causes, not a bug: any
+    GswarmError, a full disk or quota, a path this process may not write, a connection refused,
+    reset, timed out or a name that does not resolve. None for anything else: a bug, which
+    deserves its traceback in the log."""
+    if isinstance(exc, GswarmError):
+        return exc
+    if not isinstance(exc, OSError):
+        return None
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpace(f"no space left{where}: {reason}")
+    if exc.errno in _DENIED_ERRNOS:
+        return GswarmError(f"not allowed{where}: {reason}", code="permission_denied")
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror) or exc.errno in _NETWORK_ERRNOS:
+        return GswarmError(f"network error: {reason}", code="network_error")
+    return None

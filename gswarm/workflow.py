@@ -258,9 +258,12 @@ _YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _yaml_problem(filename: str, mark: Any, problem: str) -> InvalidWorkflow:
-    line = mark.line + 1 if mark is not None else None
+    """`FILE: line L, column C: PROBLEM`, as editors and compilers point at a place."""
+    if mark is None:
+        return InvalidWorkflow(f"{filename}: {problem}")
+    line, column = mark.line + 1, mark.column + 1
     return InvalidWorkflow(
-        f"{filename}: YAML does not parse at line {line}: {problem}", details={"line": line}
+        f"{filename}: line {line}, column {column}: {problem}", details={"line": line, "column": column}
     )
 
 
@@ -326,13 +329,13 @@ def load_text(text: str, filename: str = "job", max_chars: int = MAX_JOB_BYTES) 
             data = yaml.load(text, Loader=_YAML_LOADER)
     except json.JSONDecodeError as exc:
         raise InvalidWorkflow(
-            f"{filename}: JSON does not parse at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+            f"{filename}: line {exc.lineno}, column {exc.colno}: JSON does not parse: {exc.msg}",
             details={"line": exc.lineno, "column": exc.colno},
         ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
-        raise _yaml_problem(filename, mark, problem) from None
+        raise _yaml_problem(filename, mark, f"YAML does not parse: {problem}") from None
     except RecursionError:
         raise InvalidWorkflow(f"{filename}: nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, TypeError, OverflowError) as exc:

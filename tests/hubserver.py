@@ -71,6 +71,9 @@ class HubRepo:
     files: dict[str, bytes | Path]
     revision: str = "main"
     repo_type: RepoType = "model"
+    token: str | None = None
+    """A gated repo: every request must carry ``Authorization: Bearer TOKEN`` (401 without a
+    token, 403 with another one, as the Hub answers for a gated repo)."""
 
     @classmethod
     def from_dir(
@@ -457,10 +460,16 @@ class HubServer:
             return f"{segs[0]}/{segs[1]}", segs[2:]
         return (segs[0] if segs else ""), segs[1:]
 
-    def _lookup(self, repo_type: RepoType, repo_id: str, revision: str | None) -> _Repo:
+    def _lookup(self, request: web.Request, repo_type: RepoType, repo_id: str, revision: str | None) -> _Repo:
         repo = self._repos.get((repo_type, repo_id))
         if repo is None:
             raise _error(404, "RepoNotFound", "Repository not found")
+        if repo.repo.token is not None:
+            sent = request.headers.get("Authorization", "")
+            if not sent:
+                raise _error(401, "GatedRepo", f"Access to model {repo_id} is restricted: log in")
+            if sent != f"Bearer {repo.repo.token}":
+                raise _error(403, "GatedRepo", f"Access to model {repo_id} is restricted")
         if revision is not None and revision not in (repo.repo.revision, repo.sha):
             raise _error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         return repo
@@ -473,16 +482,16 @@ class HubServer:
         action = rest[0] if rest else ""
         method = request.method
         if action == "" and method in ("GET", "HEAD"):
-            return await self._repo_info(request, self._lookup(repo_type, repo_id, None))
+            return await self._repo_info(request, self._lookup(request, repo_type, repo_id, None))
         if action == "revision" and len(rest) == 2 and method in ("GET", "HEAD"):
-            return await self._repo_info(request, self._lookup(repo_type, repo_id, rest[1]))
+            return await self._repo_info(request, self._lookup(request, repo_type, repo_id, rest[1]))
         if action == "tree" and len(rest) >= 2 and method in ("GET", "HEAD"):
-            repo = self._lookup(repo_type, repo_id, rest[1])
+            repo = self._lookup(request, repo_type, repo_id, rest[1])
             return await self._tree(request, repo, "/".join(rest[2:]).strip("/"))
         if action == "paths-info" and len(rest) == 2 and method == "POST":
-            return await self._paths_info(request, self._lookup(repo_type, repo_id, rest[1]))
+            return await self._paths_info(request, self._lookup(request, repo_type, repo_id, rest[1]))
         if action == "refs" and len(rest) == 1 and method in ("GET", "HEAD"):
-            repo = self._lookup(repo_type, repo_id, None)
+            repo = self._lookup(request, repo_type, repo_id, None)
             branch = {
                 "name": repo.repo.revision,
                 "ref": f"refs/heads/{repo.repo.revision}",
@@ -595,7 +604,7 @@ class HubServer:
         if len(rest) < 2 or rest[0] != "resolve" or not repo_id:
             raise _error(404, None, f"Not found: {request.path}")
         info["repo_id"] = repo_id
-        repo = self._lookup(repo_type, repo_id, rest[1])
+        repo = self._lookup(request, repo_type, repo_id, rest[1])
         filename = "/".join(rest[2:])
         info["filename"] = filename
         entry = repo.files.get(filename) if _check_repo_path(filename) else None

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from gswarm.client import GswarmClient
 from gswarm.config import Settings
 from gswarm.head.app import HeadServer
 from tests.conftest import AgentRunner, Cli, free_port, wait_for, wait_until
@@ -80,6 +85,30 @@ async def test_errors_are_one_line_and_non_zero(head: HeadServer, cli: Cli) -> N
     assert r.returncode == 1 and "cannot reach the head" in r.stderr and "Traceback" not in r.stderr
     r = await cli.ainvoke("probe", "ghost", "--head-url", url)
     assert r.returncode == 1 and "not known" in r.stderr
+
+
+async def test_errors_name_the_commands_flags_not_the_apis_fields(
+    head: HeadServer, agents: AgentRunner, cli: Cli
+) -> None:
+    """What a command sent is named as the command takes it (`--all-nodes`, `MODEL`), not as
+    the REST body or query calls it (`all_nodes`, `model_name`)."""
+    await agents.start(head, "w1")
+    url = ["--head-url", head.url]
+    expected = {
+        ("replicate", "m", "--all-nodes", "gpu0"): "error: --all-nodes: invalid enum value 'gpu0'",
+        ("replicate", "m", "w1:disk", "--max-fanout", "100"): "error: --max-fanout: expected `int` <= 64",
+        ("download", "m", "org/x", "w1:disk", "--include", "x" * 2000): "error: --include: expected `str`",
+        ("copy", "m", "w1:disk", "w1:dram", "--verify", "md5"): "error: --verify: invalid enum value 'md5'",
+        ("health",): "error: give MODEL and DEVICE (a service), or --node",
+        ("events", "--since", "-5", "--no-follow"): "error: --since '-5' is not an integer",
+        ("logs", "m", "w1:disk", "--lines", "0"): "error: --lines '0' is not an integer",
+        ("serve", "m", "w1:disk", "8000", "--config", "[1]"): "error: --config: expected `object`",
+        ("nodes", "remove", "w1"): "error: node 'w1' is online: stop its agent first, or pass --force",
+    }
+    for args, start in expected.items():
+        r = await cli.ainvoke(*args, *url)
+        assert r.returncode == 1 and r.stderr.startswith(start), (args, r.stderr)
+        assert not re.search(r"[a-z]+_[a-z]+|\$\.", r.stderr), (args, r.stderr)
 
 
 async def test_sigkilled_agent_goes_offline_and_returns(head: HeadServer, cli: Cli) -> None:
@@ -199,3 +228,69 @@ async def test_events_into_a_pipe_that_closes_ends_quietly(head: HeadServer, cli
             await proc.wait()
     assert len(out.decode().splitlines()) == 2, out
     assert proc.returncode == 0 and b"error" not in err and b"Traceback" not in err, err
+
+
+def test_help_names_values_as_people_write_them(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No `<bool>`, `<str>` or `<list[str]>` in any command's help: a flag shows no value, an
+    option names its own (`--include GLOB`), an argument its name (`MODEL`). (Every command's
+    help from one build of the command tree: a `cli.invoke` each would rebuild it.)"""
+    import typer
+
+    from gswarm.cli import app
+
+    monkeypatch.setenv("COLUMNS", "100")
+    command = typer.main.get_command(app)
+    paths: list[tuple[str, ...]] = []
+
+    def walk(cmd: Any, path: tuple[str, ...]) -> None:
+        paths.append(path)
+        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+            walk(sub, (*path, name))
+
+    walk(command, ())
+    assert ("nodes", "remove") in paths and ("jobs", "show") in paths and len(paths) > 30
+    helps: dict[tuple[str, ...], str] = {}
+    for path in paths:
+        assert command.main([*path, "--help"], prog_name="gsmodel", standalone_mode=False) == 0
+        helps[path] = text = capsys.readouterr().out
+        assert "Usage: gsmodel" in text, path
+        assert not re.search(r"<[a-z][\w\[\], ]*>", text, re.IGNORECASE), (path, text)
+        assert re.search(r"--help +Show this message", text), (path, text)
+    assert re.search(r"--include +GLOB +Only files", helps["download",])
+    assert re.search(r"\* +MODEL +Model name", helps["download",])
+    assert re.search(r"--keep-source +Keep the source copy", helps["move",])
+    assert re.search(r"--all-nodes +disk\|dram ", helps["replicate",])
+
+
+async def test_ops_and_nodes_fit_80_columns_one_line_a_row(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, cli: Cli
+) -> None:
+    """In an 80-column terminal (a real process, as a user runs it) every op and every node
+    takes one line of at most 80 characters: long cells are cut, low-value columns go, nothing
+    wraps onto a second line."""
+    await agents.start(head, "node-1", simulate_gpus="2:16G")
+    await agents.start(head, "node-2")
+    await client.probe("node-1", wait=True)
+    for node in ("node-1", "node-2"):
+        url = f"http://127.0.0.1:{free_port()}/weights/model.safetensors"
+        await client.download(f"model-on-{node}", url, f"{node}:disk", wait=True)
+    ops = await client.list_ops()
+    narrow = {"COLUMNS": "80"}
+    r_ops, r_nodes = await asyncio.gather(
+        cli.arun("ops", "--head-url", head.url, env=narrow),
+        cli.arun("nodes", "--head-url", head.url, env=narrow),
+    )
+    for r, keys in ((r_ops, [op.op_id for op in ops]), (r_nodes, ["node-1", "node-2"])):
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.rstrip("\n").split("\n")
+        assert all(len(line) <= 80 for line in lines), r.stdout
+        assert len(lines) == 2 + len(keys), r.stdout  # header, rule, a line a row
+        for key, line in zip(keys, lines[2:], strict=True):
+            assert line.startswith(key), r.stdout
+    for op, line in zip(ops, r_ops.stdout.split("\n")[2:], strict=False):
+        assert op.kind in line and op.node_id in line and op.state in line, line
+        if op.error is not None:
+            assert "cannot reach 127.0.0.1:" in line and line.rstrip().endswith("…"), line
+    assert "2x simulated GPU" in r_nodes.stdout and "online" in r_nodes.stdout

@@ -101,8 +101,8 @@ actions:
     ("text", "expected"),
     [
         ("", "is empty"),
-        ("name: x\nactions:\n\t- action: download\n", "YAML does not parse at line 3"),
-        ('{"name": "x", "actions": [', "JSON does not parse at line 1"),
+        ("name: x\nactions:\n\t- action: download\n", "line 3, column 1: YAML does not parse: "),
+        ('{"name": "x", "actions": [', "line 1, column 27: JSON does not parse: "),
         ("- just\n- a list\n", "a job is a mapping"),
         ("name: x\nactions: []\n", "non-empty list of actions"),
     ],
@@ -134,6 +134,25 @@ def test_check_prints_every_problem(cli: Cli, tmp_path: Path) -> None:
         and "4 actions" in r.stdout
         and "3-serve: serve llama-7b after 1-download" in r.stdout
     )
+
+
+async def test_a_job_file_that_does_not_parse_is_named_with_its_line_and_column(
+    head: HeadServer, cli: Cli, tmp_path: Path
+) -> None:
+    """`job FILE` (submitting, not only `--check`) names the file, the line and the column, and
+    a file that does not validate names the file too; the head is never asked."""
+    bad = tmp_path / "jobs" / "x.yaml"
+    bad.parent.mkdir()
+    bad.write_text("name: x\nactions:\n  - id: a\n    action: [download\n")
+    for extra in ((), ("--check",)):
+        r = await cli.ainvoke("job", str(bad), *extra, "--head-url", head.url)
+        assert r.returncode == 1 and "request body" not in r.stderr, r.stderr
+        assert r.stderr.startswith(f"error: {bad}: line 5, column 1: YAML does not parse: "), r.stderr
+    bad.write_text("name: x\nactions:\n  - action: download\n    model: m\n  - action: fly\n")
+    r = await cli.ainvoke("job", str(bad), "--head-url", head.url)
+    assert r.returncode == 1 and "download needs 'source'" in r.stderr and "unknown action 'fly'" in r.stderr
+    assert f"error: {bad}: invalid job: " in r.stderr
+    assert head.head.registry.jobs == {}
 
 
 async def test_dag_runs_models_in_parallel_and_in_order(

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ from aiohttp import web
 from gswarm.client import GswarmClient
 from gswarm.errors import BadRequest, Conflict, InsufficientSpace, NotFound
 from gswarm.head.app import HeadServer
-from tests.conftest import BIG_FILE_BYTES, AgentRunner, tree_bytes, wait_for
+from tests.conftest import BIG_FILE_BYTES, AgentRunner, free_port, tree_bytes, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -214,6 +215,73 @@ async def test_repo_that_does_not_exist(
     op = await client.download("m", "org/no-such-repo", "w1:disk", wait=True)
     assert op.state == "failed" and op.error is not None
     assert op.error.code == "repo_not_found" and "org/no-such-repo" in op.error.message
+
+
+async def test_unreachable_hub_is_named_with_what_to_set_and_logged_in_one_line(
+    head: HeadServer,
+    agents: AgentRunner,
+    client: GswarmClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No Hub answers (a closed port stands for a network without it): the op names the Hub it
+    tried and what to set, with its own code; the agent logs one line, no traceback."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    await agents.start(head, "w1")
+    op = await client.download("m", "org/tiny", "w1:disk", wait=True)
+    assert op.state == "failed" and op.error is not None
+    assert op.error.code == "source_unreachable"
+    message = op.error.message
+    assert message.startswith(f"cannot reach the Hub at {endpoint} (connection refused): "), message
+    assert "HF_ENDPOINT" in message and "HF_TOKEN" in message and "Errno" not in message
+    assert "Traceback" not in caplog.text
+    (line,) = [r.getMessage() for r in caplog.records if op.op_id in r.getMessage()]
+    assert line.endswith(message) and "source_unreachable" in line
+
+
+async def test_unreachable_url_names_its_host(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    await agents.start(head, "w1")
+    url = f"http://127.0.0.1:{port}/weights/model.safetensors"
+    op = await client.download("m", url, "w1:disk", wait=True)
+    assert op.state == "failed" and op.error is not None and op.error.code == "source_unreachable"
+    assert op.error.message == f"cannot reach 127.0.0.1:{port} (connection refused) to fetch {url}"
+    assert "Traceback" not in caplog.text
+
+
+async def test_gated_repo_asks_for_hf_token(
+    head: HeadServer,
+    agents: AgentRunner,
+    client: GswarmClient,
+    hub: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A repo the Hub answers 401/403 for: the op says to set HF_TOKEN (or that the one set may
+    not read it), for a repo and for a plain URL on the Hub alike; with the token it downloads."""
+    from tests.hubserver import HubRepo
+
+    hub.add_repo(HubRepo("org/gated", {"config.json": b"{}"}, token="hf_right"))
+    await agents.start(head, "w1")
+    url = f"{hub.url}/org/gated/resolve/main/config.json"
+    for source in ("org/gated", url):
+        op = await client.download("m", source, "w1:disk", wait=True)
+        assert op.state == "failed" and op.error is not None, source
+        assert op.error.code == "source_forbidden", op.error
+        assert re.search(r"set HF_TOKEN\b.* where the agent runs", op.error.message), op.error.message
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    for source in ("org/gated", url):
+        op = await client.download("m", source, "w1:disk", wait=True)
+        assert op.error is not None and op.error.code == "source_forbidden", source
+        assert "the HF_TOKEN set where the agent runs may not read it" in op.error.message
+    monkeypatch.setenv("HF_TOKEN", "hf_right")
+    for name, source in (("m", "org/gated"), ("n", url)):
+        op = await client.download(name, source, "w1:dram", wait=True)
+        assert op.state == "succeeded", op.error
+    assert "Traceback" not in caplog.text
 
 
 async def test_not_enough_space_fails_before_any_byte(

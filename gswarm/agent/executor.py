@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from gswarm.agent.context import OpContext, Reply
-from gswarm.errors import GswarmError
+from gswarm.errors import GswarmError, expected
 from gswarm.ops import OpArgs, OpResult, UnknownKind, decode_args
 from gswarm.protocol import (
     Accepted,
@@ -118,6 +118,7 @@ class Executor:
     async def _run(self, cmd: Command, ctx: OpContext) -> None:
         msg: Succeeded | Failed
         self._send(Accepted(op_id=cmd.op_id))
+        deadline = asyncio.timeout(cmd.timeout or None)
         try:
             try:
                 args = decode_args(cmd.kind, cmd.args)
@@ -127,8 +128,8 @@ class Executor:
                 ) from None
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 raise GswarmError(f"invalid {cmd.kind} args: {exc}", code="bad_args") from None
-            coro = self._run_op(ctx, args)
-            out = await (asyncio.wait_for(coro, cmd.timeout) if cmd.timeout else coro)
+            async with deadline:
+                out = await self._run_op(ctx, args)
             reply = out if isinstance(out, Reply) else Reply(out)
             msg = Succeeded(
                 op_id=cmd.op_id, result=msgspec.Raw(encode(reply.result)), holdings=reply.holdings
@@ -138,20 +139,30 @@ class Executor:
                 # The op stays open on the head, which hands it to the next run: no result.
                 self.running.pop(cmd.op_id, None)
                 raise
+            log.info("op %s (%s) cancelled", cmd.op_id, cmd.kind)
             msg = Failed(op_id=cmd.op_id, error=OpError("cancelled", "cancelled"))
-        except TimeoutError:
-            msg = Failed(op_id=cmd.op_id, error=OpError("timed_out", f"timed out after {cmd.timeout:g} s"))
-        except GswarmError as exc:
-            msg = Failed(op_id=cmd.op_id, error=OpError(exc.code, exc.message), partial=ctx.partial)
         except Exception as exc:
-            log.exception("op %s (%s) failed", cmd.op_id, cmd.kind)
-            error = OpError("internal", f"{type(exc).__name__}: {exc}")
-            msg = Failed(op_id=cmd.op_id, error=error, partial=ctx.partial)
+            msg = self._failed(cmd, ctx, exc, timed_out=isinstance(exc, TimeoutError) and deadline.expired())
         if ctx.dirty:
             self._send(ctx.snapshot())
         self.running.pop(cmd.op_id, None)
         self.outbox[cmd.op_id] = msg
         self._send(msg)
+
+    def _failed(self, cmd: Command, ctx: OpContext, exc: Exception, timed_out: bool) -> Failed:
+        """The result of an op that raised `exc`, logged in one line when the failure is one the
+        world causes (`errors.expected`: a source unreachable, no space, bad args...), with its
+        traceback only when it is a bug."""
+        if timed_out:
+            log.warning("op %s (%s) timed out after %g s", cmd.op_id, cmd.kind, cmd.timeout)
+            return Failed(op_id=cmd.op_id, error=OpError("timed_out", f"timed out after {cmd.timeout:g} s"))
+        error = expected(exc)
+        if error is None:
+            log.exception("op %s (%s) failed unexpectedly", cmd.op_id, cmd.kind)
+            error = GswarmError(f"{type(exc).__name__}: {exc}")
+        else:
+            log.warning("op %s (%s) failed: %s: %s", cmd.op_id, cmd.kind, error.code, error.message)
+        return Failed(op_id=cmd.op_id, error=OpError(error.code, error.message), partial=ctx.partial)
 
     async def _tick(self) -> None:
         while True:

@@ -176,8 +176,11 @@ class Worker:
                 result = await self.handle(req)
             self.send({"id": req.get("id"), "ok": True, **result})
         except Exception as exc:
-            log.exception("command %s failed", req.get("cmd"))
             code = "insufficient_space" if "out of memory" in str(exc).lower() else "worker_error"
+            if code == "insufficient_space":  # the GPU is full: expected, one line
+                log.warning("command %s failed: %s", req.get("cmd"), exc)
+            else:
+                log.exception("command %s failed", req.get("cmd"))
             self.send(
                 {"id": req.get("id"), "ok": False, "code": code, "error": f"{type(exc).__name__}: {exc}"}
             )

@@ -17,7 +17,22 @@ import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gswarm.cli.common import DetachOpt, HeadUrl, JsonOpt, TokenOpt, app, err, fail, out
+from gswarm.cli.common import (
+    DetachOpt,
+    Flags,
+    HeadUrl,
+    HelpfulGroup,
+    JsonOpt,
+    TokenOpt,
+    app,
+    cut,
+    err,
+    fail,
+    in_cli_words,
+    out,
+    short_age,
+    table_of,
+)
 from gswarm.cli.processes import run
 from gswarm.cli.render import ago, finish_op, follow_op, health_line, human_size, print_json, print_op
 from gswarm.errors import GswarmError
@@ -34,14 +49,21 @@ def open_client(head_url: str | None, token: str | None) -> Any:
     return GswarmClient(head_url, token)
 
 
-def with_client(head_url: str | None, tok: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
-    """Open a client, await `fn(client)` under `run` and return its result."""
+def with_client(
+    head_url: str | None, tok: str | None, fn: Callable[[Any], Awaitable[T]], flags: Flags | None = None
+) -> T:
+    """Open a client, await `fn(client)` under `run` and return its result; an error names
+    what the command sent in its own words (`flags`)."""
 
     async def main() -> T:
         async with open_client(head_url, tok) as c:
             return await fn(c)
 
-    return run(main())
+    return run(main(), flags)
+
+
+MODEL = {"model_name": "MODEL"}
+FORCE = {"force": "--force"}
 
 
 @app.command()
@@ -49,10 +71,10 @@ def register(
     name: Annotated[str, typer.Argument(help="Model name")],
     model_type: Annotated[str, typer.Argument(metavar="TYPE", help="llm, diffusion, ...")],
     source_url: Annotated[
-        str | None, typer.Option("--source-url", help="Where the model comes from.")
+        str | None, typer.Option("--source-url", metavar="URL", help="Where the model comes from.")
     ] = None,
     metadata_file: Annotated[
-        Path | None, typer.Option("--metadata-file", help="JSON or YAML file of metadata.")
+        Path | None, typer.Option("--metadata-file", metavar="FILE", help="JSON or YAML file of metadata.")
     ] = None,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
@@ -68,8 +90,9 @@ def register(
         if loaded is not None and not isinstance(loaded, dict):
             fail(f"metadata file {metadata_file} must hold a mapping")
         metadata = loaded or {}
+    flags = {"name": "NAME", "type": "TYPE", "source_url": "--source-url", "metadata": "--metadata-file"}
     model: ModelView = with_client(
-        head_url, token, lambda c: c.register_model(name, model_type, source_url, metadata)
+        head_url, token, lambda c: c.register_model(name, model_type, source_url, metadata), flags
     )
     if json_out:
         print_json(model)
@@ -130,6 +153,7 @@ nodes_app = typer.Typer(
     help="List nodes with their hardware and status ('nodes remove ID' forgets one).",
     invoke_without_command=True,
     add_completion=False,
+    cls=HelpfulGroup,
 )
 app.add_typer(nodes_app)
 
@@ -148,27 +172,55 @@ def nodes(
     if not found:
         out.print("no nodes yet: start an agent with 'gswarm client HEAD_URL --node-id ID'")
         return
-    table = Table("node", "status", "host", "address", "cpus", "memory", "disk free", "dram free", "gpus")
-    for n in found:
-        inv = n.inventory
-        tiers = {t.name: t for t in inv.tiers}
-        gpus = ", ".join(
-            f"{g.index}: {g.name} {human_size(g.memory_total)}{' (sim)' if g.simulated else ''}"
-            for g in inv.gpus
+    out.print(_nodes_table(found, out.width))
+
+
+def _nodes_table(found: list[Node], width: int) -> Table:
+    """One line a node; the host and address columns go when the table would not fit `width`."""
+    for columns in (NODE_COLUMNS, NARROW_NODE_COLUMNS):
+        table = table_of(columns)
+        for n in found:
+            cells = _node_cells(n)
+            table.add_row(*(cells[c] for c in columns[:-1]), cut(cells[columns[-1]]))
+        if out.measure(table, options=out.options.update_width(1 << 16)).maximum <= width:
+            break
+    return table
+
+
+NODE_COLUMNS = ("node", "status", "host", "address", "cpus", "memory", "disk free", "dram free", "gpus")
+NARROW_NODE_COLUMNS = ("node", "status", "cpus", "memory", "disk free", "dram free", "gpus")
+
+
+def _node_cells(n: Node) -> dict[str, str]:
+    inv = n.inventory
+    tiers = {t.name: t for t in inv.tiers}
+    status = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(n.status, n.status)
+    return {
+        "node": n.node_id,
+        "status": f"{status} {short_age(n.status_since)}",
+        "host": n.hostname or "-",
+        "address": (n.addresses or ["-"])[0],
+        "cpus": str(inv.cpu_count or "-"),
+        "memory": human_size(inv.memory_total) if inv.memory_total else "-",
+        "disk free": human_size(tiers["disk"].free) if "disk" in tiers else "-",
+        "dram free": human_size(tiers["dram"].free) if "dram" in tiers else "-",
+        "gpus": _gpus(n),
+    }
+
+
+def _gpus(n: Node) -> str:
+    """A node's GPUs, alike ones counted: `2x NVIDIA H100 (80.0 GB)`, `(sim)` for simulated."""
+    kinds: dict[tuple[str, int, bool], int] = {}
+    for g in n.inventory.gpus:
+        key = (g.name, g.memory_total, g.simulated)
+        kinds[key] = kinds.get(key, 0) + 1
+    return (
+        ", ".join(
+            f"{count}x {name} ({human_size(memory)}){' (sim)' if sim and 'simulated' not in name else ''}"
+            for (name, memory, sim), count in kinds.items()
         )
-        status = {"online": "[green]online[/]", "offline": "[red]offline[/]"}.get(n.status, n.status)
-        table.add_row(
-            n.node_id,
-            f"{status} {ago(n.status_since)}",
-            n.hostname or "-",
-            (n.addresses or ["-"])[0],
-            str(inv.cpu_count or "-"),
-            human_size(inv.memory_total) if inv.memory_total else "-",
-            human_size(tiers["disk"].free) if "disk" in tiers else "-",
-            human_size(tiers["dram"].free) if "dram" in tiers else "-",
-            gpus or "none",
-        )
-    out.print(table)
+        or "none"
+    )
 
 
 @nodes_app.command("remove")
@@ -186,7 +238,7 @@ def nodes_remove(
     Its agent can no longer join as it, and grants for its data server stop working. Its copies
     and services leave the registry (the files stay on its disks). Refused while the node is
     online, unless --force."""
-    done: NodeRemoved = with_client(head_url, token, lambda c: c.remove_node(node_id, force))
+    done: NodeRemoved = with_client(head_url, token, lambda c: c.remove_node(node_id, force), FORCE)
     if json_out:
         print_json(done)
         return
@@ -239,7 +291,7 @@ async def _forcing(attempt: Callable[[bool], Awaitable[T]], force: bool) -> T:
         if not force:
             if not sys.stdin.isatty():
                 raise
-            err.print(exc.message, highlight=False, soft_wrap=True)
+            err.print(in_cli_words(exc, FORCE), highlight=False, soft_wrap=True)
             err.print(f"stop {services} and go on? [y/N] ", end="", highlight=False, markup=False)
             answer = (await asyncio.to_thread(sys.stdin.readline)).strip().lower()
             if answer not in ("y", "yes"):
@@ -255,13 +307,17 @@ def _run_op(
     detach: bool,
     json_out: bool,
     what: str,
+    flags: Flags,
 ) -> None:
+    """Start an op, follow it live (unless detached) and say how it ended; an error names what
+    the command sent in its own words (`flags`)."""
+
     async def main() -> Op:
         async with open_client(head_url, tok) as c:
             op = await start(c)
             return await follow_op(c, op, detach, json_out, what)
 
-    finish_op(run(main()), json_out, detach, what)
+    finish_op(run(main(), flags), json_out, detach, what)
 
 
 @app.command()
@@ -272,10 +328,10 @@ def download(
     ],
     device: Annotated[str, typer.Argument(help="Target, e.g. node1:disk")],
     include: Annotated[
-        list[str] | None, typer.Option("--include", help="Only files matching (glob).")
+        list[str] | None, typer.Option("--include", metavar="GLOB", help="Only files matching (glob).")
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="Skip files matching (glob).")
+        list[str] | None, typer.Option("--exclude", metavar="GLOB", help="Skip files matching (glob).")
     ] = None,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
@@ -290,7 +346,17 @@ def download(
         detach,
         json_out,
         f"download {model} -> {device}",
+        {
+            **MODEL,
+            "source_url": "SOURCE",
+            "target_device": "DEVICE",
+            "allow_patterns": "--include",
+            "ignore_patterns": "--exclude",
+        },
     )
+
+
+COPY_FLAGS = {**MODEL, "source_device": "FROM", "target_device": "TO", "verify": "--verify"}
 
 
 @app.command()
@@ -298,7 +364,9 @@ def copy(
     model: Annotated[str, typer.Argument(help="Model name")],
     source: Annotated[str, typer.Argument(metavar="FROM", help="Source device, e.g. node1:disk")],
     target: Annotated[str, typer.Argument(metavar="TO", help="Target device, e.g. node1:dram")],
-    verify: Annotated[str, typer.Option(help="size, or sha256 to re-hash the copy")] = "size",
+    verify: Annotated[
+        str, typer.Option(metavar="size|sha256", help="sha256 re-hashes the copy; size checks sizes only.")
+    ] = "size",
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
@@ -307,7 +375,7 @@ def copy(
     """Copy a model between devices."""
     _run_op(
         head_url, token, lambda c: c.copy(model, source, target, verify=verify), detach, json_out,
-        f"copy {model} {source} -> {target}",
+        f"copy {model} {source} -> {target}", COPY_FLAGS,
     )  # fmt: skip
 
 
@@ -331,19 +399,24 @@ def move(
     def start(c: Any) -> Awaitable[Op]:
         return _forcing(lambda f: c.move(model, source, target, keep_source=keep_source, force=f), force)
 
-    _run_op(head_url, token, start, detach, json_out, f"move {model} {source} -> {target}")
+    flags = {**COPY_FLAGS, **FORCE, "keep_source": "--keep-source"}
+    _run_op(head_url, token, start, detach, json_out, f"move {model} {source} -> {target}", flags)
 
 
 @app.command()
 def replicate(
     model: Annotated[str, typer.Argument(help="Model name")],
     targets: Annotated[
-        list[str] | None, typer.Argument(help="Target devices, e.g. node2:disk node3:disk")
+        list[str] | None, typer.Argument(metavar="DEVICE", help="Target devices, e.g. node2:disk node3:disk")
     ] = None,
-    all_nodes: Annotated[str | None, typer.Option("--all-nodes", help="Every online node's TIER.")] = None,
-    source: Annotated[str | None, typer.Option("--from", help="Start from this copy.")] = None,
+    all_nodes: Annotated[
+        str | None, typer.Option("--all-nodes", metavar="disk|dram", help="Every online node's tier.")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option("--from", metavar="DEVICE", help="Start from this copy.")
+    ] = None,
     max_fanout: Annotated[
-        int, typer.Option(help="Peers one holder serves at once (1: a pipelined chain).")
+        int, typer.Option(metavar="N", help="Peers one holder serves at once (1: a pipelined chain).")
     ] = 1,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
@@ -371,7 +444,14 @@ def replicate(
                 final: Op = await c.wait_op(op.op_id, on_progress=update)
                 return final
 
-    op = run(main())
+    flags = {
+        **MODEL,
+        "targets": "DEVICE",
+        "all_nodes": "--all-nodes",
+        "source_device": "--from",
+        "max_fanout": "--max-fanout",
+    }
+    op = run(main(), flags)
     if json_out:
         print_json(op)
     elif detach and not op.terminal:
@@ -392,7 +472,8 @@ def load(
     model: Annotated[str, typer.Argument(help="Model name")],
     device: Annotated[str, typer.Argument(help="GPU device, e.g. node1:gpu0")],
     source: Annotated[
-        str | None, typer.Option("--from", help="Copy to load from [default: dram, else disk]")
+        str | None,
+        typer.Option("--from", metavar="DEVICE", help="Copy to load from [default: dram, else disk]"),
     ] = None,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
@@ -407,6 +488,7 @@ def load(
         detach,
         json_out,
         f"load {model} -> {device}",
+        {**MODEL, "device": "DEVICE", "source_device": "--from"},
     )
 
 
@@ -416,9 +498,11 @@ def serve(
     device: Annotated[str, typer.Argument(help="Device, e.g. node1:gpu0 (or node1:dram on the CPU)")],
     port: Annotated[int, typer.Argument(help="Port of the server on that node")],
     backend: Annotated[
-        str | None, typer.Option(help="builtin, vllm, or a template of the agent's config")
+        str | None, typer.Option(metavar="NAME", help="builtin, vllm, or a template of the agent's config")
     ] = None,
-    config: Annotated[str | None, typer.Option(help="JSON object of backend settings")] = None,
+    config: Annotated[
+        str | None, typer.Option(metavar="JSON", help="JSON object of backend settings")
+    ] = None,
     detach: DetachOpt = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
@@ -431,7 +515,8 @@ def serve(
         fail(f"--config is not JSON: {exc}")
     what = f"serve {model} on {device}:{port}"
     start = lambda c: c.serve(model, device, port, backend=backend, config=settings)  # noqa: E731
-    _run_op(head_url, token, start, detach, json_out, what)
+    flags = {**MODEL, "device": "DEVICE", "port": "PORT", "backend": "--backend", "config": "--config"}
+    _run_op(head_url, token, start, detach, json_out, what, flags)
 
 
 @app.command()
@@ -443,9 +528,9 @@ def stop(
     json_out: JsonOpt = False,
 ) -> None:
     """Stop serving a model and free its GPU memory."""
-    _run_op(
-        head_url, token, lambda c: c.stop_service(model, device), False, json_out, f"stop {model} on {device}"
-    )
+    start = lambda c: c.stop_service(model, device)  # noqa: E731
+    flags = {**MODEL, "device": "DEVICE"}
+    _run_op(head_url, token, start, False, json_out, f"stop {model} on {device}", flags)
 
 
 @app.command()
@@ -477,15 +562,17 @@ def services(head_url: HeadUrl = None, token: TokenOpt = None, json_out: JsonOpt
 def logs(
     model: Annotated[str, typer.Argument(help="Model name")],
     device: Annotated[str, typer.Argument(help="Device it is served on")],
-    lines: Annotated[int, typer.Option(help="How many lines")] = 100,
+    lines: Annotated[int, typer.Option(metavar="N", help="How many lines")] = 100,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Then print what it gains, until the service stops.")
     ] = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
 ) -> None:
-    """Print the tail of a service's log (for the builtin backend on a GPU: that GPU's worker's
-    log, which its builtin services share)."""
+    """Print the tail of a service's log.
+
+    For the builtin backend on a GPU, that is the log of the GPU's worker, which its builtin
+    services share."""
 
     async def show(c: Any) -> None:
         first = True
@@ -511,20 +598,21 @@ def logs(
     async def _one(c: Any) -> AsyncIterator[Any]:
         yield await c.log_chunk(model, device, lines=lines)
 
-    with_client(head_url, token, show)
+    with_client(head_url, token, show, {"lines": "--lines"})
 
 
 @app.command()
 def health(
     model: Annotated[str | None, typer.Argument(help="Model name (with DEVICE: one service)")] = None,
     device: Annotated[str | None, typer.Argument(help="Device it is served on")] = None,
-    node: Annotated[str | None, typer.Option(help="Check a whole node instead.")] = None,
+    node: Annotated[str | None, typer.Option(metavar="NODE", help="Check a whole node instead.")] = None,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Health-check a service or a node."""
-    op: Op = with_client(head_url, token, lambda c: c.health_check(model, device, node_id=node))
+    flags = {**MODEL, "device": "DEVICE", "node_id": "--node"}
+    op: Op = with_client(head_url, token, lambda c: c.health_check(model, device, node_id=node), flags)
     if json_out:
         print_json(op)
     else:
@@ -551,7 +639,7 @@ def rm(
     def start(c: Any) -> Awaitable[Op]:
         return _forcing(lambda f: c.delete_location(model, device, force=f), force)
 
-    _run_op(head_url, token, start, detach, json_out, f"rm {model} on {device}")
+    _run_op(head_url, token, start, detach, json_out, f"rm {model} on {device}", FORCE)
 
 
 @app.command()
@@ -568,7 +656,7 @@ def delete(
     """Remove every copy of a model, then the model. Its running services are stopped only
     when you say so (asked on a terminal)."""
     result: dict[str, Any] = with_client(
-        head_url, token, lambda c: _forcing(lambda f: c.delete_model(model, force=f), force)
+        head_url, token, lambda c: _forcing(lambda f: c.delete_model(model, force=f), force), FORCE
     )
     if json_out:
         print_json(result)
@@ -580,32 +668,49 @@ def delete(
 
 @app.command()
 def ops(
-    node: Annotated[str | None, typer.Option(help="Only this node's ops.")] = None,
-    state: Annotated[str | None, typer.Option(help="Only ops in this state.")] = None,
+    node: Annotated[str | None, typer.Option(metavar="NODE", help="Only this node's ops.")] = None,
+    state: Annotated[
+        str | None, typer.Option(metavar="STATE", help="Only ops in this state (queued, running, failed...).")
+    ] = None,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List recent ops."""
     filters = {k: v for k, v in {"node": node, "state": state}.items() if v}
-    found: list[Op] = with_client(head_url, token, lambda c: c.list_ops(**filters))
+    found: list[Op] = with_client(
+        head_url, token, lambda c: c.list_ops(**filters), {"node": "--node", "state": "--state"}
+    )
     if json_out:
         print_json(found)
         return
-    table = Table("op", "kind", "node", "state", "progress", "created", "error")
+    out.print(_ops_table(found, out.width))
+
+
+def _ops_table(found: list[Op], width: int) -> Table:
+    """One line an op, whole ids (what `cancel` takes); the error is cut to what the width leaves
+    (`--json` has it all). Progress is shown for open ops only, as a percentage below 120
+    columns, and its column only when one has some."""
+    rows = []
     for op in found:
         p = op.progress
-        prog = f"{human_size(p.done)}/{human_size(p.total)}" if p.total else "-"
-        table.add_row(
-            op.op_id,
-            op.kind,
-            op.node_id,
-            op.state,
-            prog,
-            ago(op.created_at),
-            op.error.message if op.error else "",
-        )
-    out.print(table)
+        done = "-"
+        if op.terminal or not (p.done or p.total):
+            pass
+        elif not p.total:
+            done = human_size(p.done)
+        elif width >= 120:
+            done = f"{human_size(p.done)}/{human_size(p.total)}"
+        else:
+            done = f"{100 * p.done // p.total}%"
+        error = op.error.message if op.error else ""
+        rows.append((op.op_id, op.kind, op.node_id, op.state, done, short_age(op.created_at), error))
+    with_done = any(row[4] != "-" for row in rows)
+    columns = ("op", "kind", "node", "state", "done", "age", "error")
+    table = table_of([c for c in columns if with_done or c != "done"])
+    for *cells, error in rows:
+        table.add_row(*[c for i, c in enumerate(cells) if with_done or i != 4], cut(error))
+    return table
 
 
 @app.command()
@@ -625,9 +730,14 @@ def cancel(
 
 @app.command()
 def events(
-    since: Annotated[int | None, typer.Option(help="Replay events after this seq first.")] = None,
+    since: Annotated[
+        int | None, typer.Option(metavar="SEQ", help="Replay events after this seq first.")
+    ] = None,
     topic: Annotated[
-        list[str] | None, typer.Option(help="Only these topics: model, node, op, location.")
+        list[str] | None,
+        typer.Option(
+            metavar="TOPIC", help="Only this topic (repeatable): model, node, op, location, job, service."
+        ),
     ] = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Keep following live.")] = True,
     head_url: HeadUrl = None,
@@ -660,4 +770,4 @@ def events(
                 show_event(msg)
 
     with contextlib.suppress(KeyboardInterrupt):
-        run(main())
+        run(main(), {"since": "--since", "topic": "--topic", "topics": "--topic"})

@@ -9,11 +9,11 @@ import typer
 from rich.table import Table
 
 from gswarm.cli.commands import open_client, with_client
-from gswarm.cli.common import DetachOpt, HeadUrl, JsonOpt, TokenOpt, app, err, fail, out
+from gswarm.cli.common import HeadUrl, HelpfulGroup, JsonOpt, TokenOpt, app, err, fail, out
 from gswarm.cli.processes import run
 from gswarm.cli.render import ago, follow_job, job_table, print_json
 from gswarm.config import Settings
-from gswarm.errors import GswarmError
+from gswarm.errors import GswarmError, InvalidWorkflow
 from gswarm.protocol import Job
 
 
@@ -21,7 +21,7 @@ from gswarm.protocol import Job
 def job(
     file: Annotated[Path, typer.Argument(help="Job file (YAML or JSON)")],
     check: Annotated[bool, typer.Option("--check", help="Validate only; print every problem.")] = False,
-    detach: DetachOpt = False,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Return at once with the job id.")] = False,
     head_url: HeadUrl = None,
     token: TokenOpt = None,
     json_out: JsonOpt = False,
@@ -38,14 +38,14 @@ def job(
     if len(raw) > limit:
         fail(f"{file} is over the {limit}-byte limit of a job file")
     text = raw.decode(errors="replace")
+    try:
+        # Here for messages that name the file and its lines; the head checks the job again.
+        spec = parse(text, str(file))
+    except GswarmError as exc:
+        _print_problems(exc.details.get("errors", []))
+        fail(_in_file(exc.message, file))
+        return
     if check:
-        try:
-            spec = parse(text, str(file))
-        except GswarmError as exc:
-            for problem in exc.details.get("errors", []):
-                err.print(f"{problem['action']}: {problem['field']}: {problem['message']}", highlight=False)
-            fail(exc.message)
-            return
         out.print(f"{file}: ok, {len(spec.actions)} actions", highlight=False)
         for a in spec.actions:
             deps = f" after {', '.join(a.depends_on)}" if a.depends_on else ""
@@ -56,11 +56,9 @@ def job(
         async with open_client(head_url, token) as c:
             try:
                 submitted: Job = await c.submit_job(text)
-            except GswarmError as exc:
-                for problem in exc.details.get("errors", [])[1:]:
-                    err.print(
-                        f"{problem['action']}: {problem['field']}: {problem['message']}", highlight=False
-                    )
+            except InvalidWorkflow as exc:  # a head of another version may judge differently
+                _print_problems(exc.details.get("errors", []))
+                exc.message = _in_file(exc.message, file)
                 raise
             if detach:
                 return submitted
@@ -79,7 +77,22 @@ def job(
         raise typer.Exit(1)
 
 
-jobs_app = typer.Typer(help="List, show and cancel jobs.", no_args_is_help=False, invoke_without_command=True)
+def _print_problems(problems: list[dict[str, str]]) -> None:
+    """Every problem of a job that does not validate, one a line (the first again in the error)."""
+    for problem in problems:
+        err.print(f"{problem['action']}: {problem['field']}: {problem['message']}", highlight=False)
+
+
+def _in_file(message: str, file: Path) -> str:
+    """A job file's error naming the file: the head calls it `request body`."""
+    if message.startswith("request body"):
+        return f"{file}{message.removeprefix('request body')}"
+    return message if message.startswith(f"{file}") else f"{file}: {message}"
+
+
+jobs_app = typer.Typer(
+    help="List, show and cancel jobs.", no_args_is_help=False, invoke_without_command=True, cls=HelpfulGroup
+)
 app.add_typer(jobs_app, name="jobs")
 
 

@@ -20,7 +20,7 @@ import typer
 import yaml
 
 from gswarm import __version__
-from gswarm.cli.common import JsonOpt, StateDir, app, err, fail, out
+from gswarm.cli.common import Flags, JsonOpt, StateDir, app, err, fail, in_cli_words, out
 from gswarm.cli.render import print_json
 from gswarm.config import (
     DEFAULT_PORT,
@@ -39,12 +39,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine; a GswarmError becomes one line on stderr and exit status 1."""
+def run(coro: Coroutine[Any, Any, T], flags: Flags | None = None) -> T:
+    """Run a coroutine; a GswarmError becomes one line on stderr and exit status 1, in the
+    command's words (`flags`: see `common.in_cli_words`)."""
     try:
         return asyncio.run(coro)
     except GswarmError as exc:
-        fail(exc.message)
+        fail(in_cli_words(exc, flags or {}))
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
@@ -62,7 +63,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _setup_logging(verbose: bool) -> None:
-    """Log to stderr (DEBUG with --verbose), without aiohttp's access log or websockets' chatter."""
+    """Log to stderr (DEBUG with --verbose), without aiohttp's access log, websockets' chatter or
+    a line per Hub request from huggingface_hub's HTTP client."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -70,6 +72,8 @@ def _setup_logging(verbose: bool) -> None:
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2"):  # huggingface_hub 1.x, 2.x
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 async def _until_signal(*tasks: asyncio.Task[Any]) -> None:
@@ -111,26 +115,38 @@ async def _run_agent_task(agent_task: asyncio.Task[None]) -> None:
 
 TlsCertOpt = Annotated[
     Path | None,
-    typer.Option("--tls-cert", envvar="GSWARM_TLS_CERT", help="Serve https/wss with this certificate (PEM)."),
+    typer.Option(
+        "--tls-cert",
+        envvar="GSWARM_TLS_CERT",
+        metavar="FILE",
+        help="Serve https/wss with this certificate (PEM).",
+    ),
 ]
 TlsKeyOpt = Annotated[
     Path | None,
-    typer.Option("--tls-key", envvar="GSWARM_TLS_KEY", help="The private key of --tls-cert (PEM)."),
+    typer.Option(
+        "--tls-key", envvar="GSWARM_TLS_KEY", metavar="FILE", help="The private key of --tls-cert (PEM)."
+    ),
 ]
 CaOpt = Annotated[
     Path | None,
     typer.Option(
-        "--ca", envvar="GSWARM_CA", help="Trust this CA (PEM) for an https head, besides the system's."
+        "--ca",
+        envvar="GSWARM_CA",
+        metavar="FILE",
+        help="Trust this CA (PEM) for an https head, besides the system's.",
     ),
 ]
 
 
 DataTlsCertOpt = Annotated[
     Path | None,
-    typer.Option("--data-tls-cert", help="Serve peers over https with this certificate (PEM)."),
+    typer.Option(
+        "--data-tls-cert", metavar="FILE", help="Serve peers over https with this certificate (PEM)."
+    ),
 ]
 DataTlsKeyOpt = Annotated[
-    Path | None, typer.Option("--data-tls-key", help="The key of --data-tls-cert (PEM).")
+    Path | None, typer.Option("--data-tls-key", metavar="FILE", help="The key of --data-tls-cert (PEM).")
 ]
 
 
@@ -153,16 +169,17 @@ MetricsPortOpt = Annotated[
 
 @app.command()
 def head(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_PORT,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = DEFAULT_PORT,
     state_dir: StateDir = None,
     offline_after: Annotated[
-        float | None, typer.Option(help="Seconds of silence before a node is offline [15].")
+        float | None,
+        typer.Option(metavar="SECONDS", help="Seconds of silence before a node is offline [15]."),
     ] = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
     metrics_port: MetricsPortOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")] = False,
 ) -> None:
     """Start the head server (REST API, agent and event sockets, registry, /metrics)."""
     from gswarm.head.app import HeadServer
@@ -200,37 +217,56 @@ def _agent_options(
     )
 
 
-NodeIdOpt = Annotated[str | None, typer.Option("--node-id", help="This node's id [default: hostname]")]
-DiskDirOpt = Annotated[Path | None, typer.Option("--disk-dir", help="Directory of the disk tier.")]
-DramDirOpt = Annotated[Path | None, typer.Option("--dram-dir", help="Directory of the dram tier (tmpfs).")]
+NodeIdOpt = Annotated[
+    str | None, typer.Option("--node-id", metavar="ID", help="This node's id [default: hostname]")
+]
+DiskDirOpt = Annotated[
+    Path | None, typer.Option("--disk-dir", metavar="DIR", help="Directory of the disk tier.")
+]
+DramDirOpt = Annotated[
+    Path | None, typer.Option("--dram-dir", metavar="DIR", help="Directory of the dram tier (tmpfs).")
+]
 SimGpuOpt = Annotated[
     str | None,
-    typer.Option("--simulate-gpus", envvar="GSWARM_SIMULATE_GPUS", help="N[:SIZE] simulated GPUs."),
+    typer.Option(
+        "--simulate-gpus",
+        envvar="GSWARM_SIMULATE_GPUS",
+        metavar="N[:SIZE]",
+        help="Simulated GPUs (host memory), for tests and demos.",
+    ),
 ]
 
 
-DataPortOpt = Annotated[int, typer.Option(help="Port of the data server peers fetch from (0: any).")]
+DataPortOpt = Annotated[
+    int, typer.Option(metavar="PORT", help="Port of the data server peers fetch from (0: any).")
+]
 DataHostOpt = Annotated[
     str,
     typer.Option(
+        metavar="ADDRESS",
         help="Address the data server listens on and peers are told (0.0.0.0: every interface) "
-        "[default: the one used to reach the head]"
+        "[default: the one used to reach the head]",
     ),
 ]
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", help="Agent config (YAML): serving templates and host, allow_file_roots."),
+    typer.Option(
+        "--config", metavar="FILE", help="Agent config (YAML): serving templates and host, allow_file_roots."
+    ),
 ]
 FileRootOpt = Annotated[
     list[Path] | None,
     typer.Option(
         "--allow-file-root",
+        metavar="DIR",
         help="A directory file:// downloads may read from (repeatable; none by default).",
     ),
 ]
 ServiceHostOpt = Annotated[
     str | None,
-    typer.Option(help="Address services listen on (0.0.0.0: every interface) [default: 127.0.0.1]"),
+    typer.Option(
+        metavar="ADDRESS", help="Address services listen on (0.0.0.0: every interface) [default: 127.0.0.1]"
+    ),
 ]
 
 
@@ -258,20 +294,22 @@ def _agent_config(path: Path | None, service_host: str | None, file_roots: list[
 def client_cmd(
     head_url: Annotated[str, typer.Argument(help="URL of the head, e.g. http://head:8100")],
     node_id: NodeIdOpt = None,
-    token: Annotated[str | None, typer.Option("--token", envvar="GSWARM_TOKEN", help="Join token.")] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="GSWARM_TOKEN", metavar="TOKEN", help="Join token.")
+    ] = None,
     disk_dir: DiskDirOpt = None,
     dram_dir: DramDirOpt = None,
     simulate_gpus: SimGpuOpt = None,
     data_port: DataPortOpt = 0,
     data_host: DataHostOpt = "",
     data_bandwidth: Annotated[
-        str | None, typer.Option(help="Cap of the data server's uplink, e.g. 500M (bytes/s).")
+        str | None, typer.Option(metavar="RATE", help="Cap of the data server's uplink, e.g. 500M (bytes/s).")
     ] = None,
     disk_quota: Annotated[
-        str | None, typer.Option(help="Most gswarm may store on the disk tier, e.g. 500G.")
+        str | None, typer.Option(metavar="SIZE", help="Most gswarm may store on the disk tier, e.g. 500G.")
     ] = None,
     dram_quota: Annotated[
-        str | None, typer.Option(help="Most gswarm may store on the dram tier, e.g. 64G.")
+        str | None, typer.Option(metavar="SIZE", help="Most gswarm may store on the dram tier, e.g. 64G.")
     ] = None,
     config_file: ConfigOpt = None,
     allow_file_root: FileRootOpt = None,
@@ -279,7 +317,7 @@ def client_cmd(
     ca: CaOpt = None,
     data_tls_cert: DataTlsCertOpt = None,
     data_tls_key: DataTlsKeyOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")] = False,
 ) -> None:
     """Run an agent on this node, connected to the head."""
     from gswarm.agent.main import Agent
@@ -328,8 +366,8 @@ app.command("agent", help="Run an agent on this node (same as 'client').")(clien
 
 @app.command()
 def up(
-    host: Annotated[str, typer.Option(help="Address the head listens on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port of the head.")] = DEFAULT_PORT,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address the head listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port of the head.")] = DEFAULT_PORT,
     state_dir: StateDir = None,
     node_id: NodeIdOpt = None,
     disk_dir: DiskDirOpt = None,
@@ -344,7 +382,7 @@ def up(
     tls_key: TlsKeyOpt = None,
     ca: CaOpt = None,
     metrics_port: MetricsPortOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")] = False,
 ) -> None:
     """A head and a local agent in one process: the whole system on one machine. The agent
     reads no file:// source unless given --allow-file-root (or allow_file_roots in --config)."""

@@ -67,7 +67,9 @@ async def submit_replicate(head: Head, body: ReplicateBody) -> Submitted:
     targets = list(dict.fromkeys(targets))
     if not targets:
         raise BadRequest(
-            "no targets: give targets or all_nodes", code="invalid_field", details={"field": "targets"}
+            "nothing to replicate to: give targets or all_nodes",
+            code="invalid_field",
+            details={"field": "targets", "fields": ["targets", "all_nodes"]},
         )
     for t in targets:
         dev = parse_device(t, "targets")

@@ -254,7 +254,7 @@ async def clear_backed(
         names = ", ".join(describe_service(svc) for svc in backed)
         raise Conflict(
             f"{what} would remove what {names} serve{'s' if len(backed) == 1 else ''} from; "
-            "stop it first, or force it (force=true, --force), which stops it",
+            "stop it first, or force it (force=true), which stops it",
             code="serving",
             details={"services": [svc.service_id for svc in backed]},
         )
@@ -333,7 +333,11 @@ async def submit_health_check(head: Head, body: HealthBody) -> Submitted:
         node = body.node_id or parse_device(str(body.device), "device").node
         args = HealthCheckArgs()
     else:
-        raise BadRequest("give model_name and device (a service), or node_id", code="invalid_field")
+        raise BadRequest(
+            "give model_name and device (a service), or node_id",
+            code="invalid_field",
+            details={"fields": ["model_name", "device", "node_id"]},
+        )
     require_node(head, Device(node, "disk"))
     op = await head.dispatcher.submit(node, args, 60)
     return Submitted(op)

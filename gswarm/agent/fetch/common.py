@@ -1,16 +1,19 @@
 """Errors and small thread primitives shared by the fetch modules: TransferError, Cancelled,
-local_write_error, ByteCounter, RateLimit (with check_bandwidth, its bounds) and run_blocking
-(the bridge from asyncio to the blocking workers)."""
+local_write_error, network_reason and unreachable (a failed connection in words), ByteCounter,
+RateLimit (with check_bandwidth, its bounds) and run_blocking (the bridge from asyncio to the
+blocking workers)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from gswarm.config import BANDWIDTH_MAX, BANDWIDTH_MIN
 from gswarm.errors import BadRequest, GswarmError, InsufficientSpace
@@ -34,6 +37,53 @@ def local_write_error(exc: OSError, what: str) -> GswarmError:
             "resumes once space is freed",
         )
     return TransferError(f"writing {what} failed: {reason}", code="write_failed")
+
+
+_TRANSPORT_MODULES = ("httpx", "httpcore", "requests", "urllib3", "http.client")
+"""HTTP libraries (and their renamed forks, `httpx2`) whose own errors, not statuses, mean the
+connection failed."""
+
+
+def network_reason(exc: BaseException) -> str | None:
+    """Why a connection failed, in a few lowercase words (`connection refused`, `name or service
+    not known`, `timed out`), found on `exc` or the errors it wraps (an HTTP library's error wraps
+    the socket's); None when `exc` is no network failure (a bug, a refused answer)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    transport = False
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, TimeoutError):
+            return "timed out"
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return f"TLS certificate not trusted: {cur.verify_message}"
+        if isinstance(cur, ssl.SSLError):
+            return f"TLS: {cur.reason or cur}"
+        if isinstance(cur, OSError):
+            text = cur.strerror or str(cur) or type(cur).__name__
+            return text[:1].lower() + text[1:]
+        module = type(cur).__module__
+        transport = transport or module.startswith(_TRANSPORT_MODULES)
+        cur = cur.__cause__ or cur.__context__
+    if transport:
+        text = str(exc) or type(exc).__name__
+        return text[:1].lower() + text[1:]
+    return None
+
+
+def host_of(url: str) -> str:
+    """The `host:port` (or `host`) a URL names, for messages."""
+    return urlsplit(url).netloc.rpartition("@")[2] or url
+
+
+def unreachable(url: str, reason: str, hint: str = "") -> TransferError:
+    """The error for a connection to `url`'s host that failed for `reason`: names the host (the
+    URL too when it says more), and what to do when `hint` says so."""
+    where = host_of(url)
+    text = f"cannot reach {where} ({reason})"
+    if url.rstrip("/") not in (f"http://{where}", f"https://{where}"):
+        text += f" to fetch {url}"
+    return TransferError(text + (f": {hint}" if hint else ""), code="source_unreachable")
 
 
 class Cancelled(Exception):

@@ -12,7 +12,8 @@ import ssl
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from gswarm.agent.fetch.common import TransferError
+from gswarm.agent.fetch.common import TransferError, network_reason, unreachable
+from gswarm.agent.fetch.hub import access_hint, on_hub
 from gswarm.errors import GswarmError, NotFound
 
 
@@ -95,11 +96,15 @@ def request(
 
 
 def http_error(status: int, reason: str, url: str) -> GswarmError:
-    """An HTTP error status from a source as the gswarm error to report."""
+    """An HTTP error status from a source as the gswarm error to report, with what to do about
+    it when the source is the Hub."""
+    hub = on_hub(url)
     if status == 404:
-        return NotFound(f"HTTP 404 {reason} from {url}", code="source_not_found")
+        hint = ": no such repo, revision or file on the Hub" if hub else ""
+        return NotFound(f"HTTP 404 {reason} from {url}{hint}", code="source_not_found")
     if status in (401, 403):
-        return TransferError(f"HTTP {status} {reason} from {url} (set HF_TOKEN?)", code="source_forbidden")
+        hint = f": {access_hint()}" if hub else ""
+        return TransferError(f"HTTP {status} {reason} from {url}{hint}", code="source_forbidden")
     return TransferError(f"HTTP {status} {reason} from {url}", code="source_error")
 
 
@@ -126,7 +131,9 @@ def fetch_json(
         if resp.status >= 400:
             raise http_error(resp.status, resp.reason, url)
         return json.loads(body)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise TransferError(f"cannot fetch {url}: {exc}", code="source_unreachable") from None
+    except ValueError as exc:
+        raise TransferError(f"{url} sent no JSON: {exc}", code="source_error") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise unreachable(url, network_reason(exc) or f"{type(exc).__name__}: {exc}") from None
     finally:
         conns.close()

@@ -25,7 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gswarm.agent.fetch.common import ByteCounter, Cancelled, RateLimit, TransferError, local_write_error
+from gswarm.agent.fetch.common import (
+    ByteCounter,
+    Cancelled,
+    RateLimit,
+    TransferError,
+    host_of,
+    local_write_error,
+    network_reason,
+    unreachable,
+)
 from gswarm.agent.fetch.http_client import Connections, content_range_end, http_error, request
 from gswarm.agent.fetch.hub import RemoteFile
 from gswarm.agent.fetch.verify import HASH_READ_BYTES
@@ -399,7 +408,7 @@ class RangeDownloader:
                 raise TransferError(f"{f.url} sends no Content-Length: cannot verify its size")
             f.size = int(length)
         except (OSError, http.client.HTTPException) as exc:
-            raise TransferError(f"cannot reach {f.url}: {exc}", code="source_unreachable") from None
+            raise unreachable(f.url, network_reason(exc) or f"{type(exc).__name__}: {exc}") from None
         finally:
             conns.close()
 
@@ -476,8 +485,9 @@ class RangeDownloader:
                 conns.drop(f.url)
                 attempt += 1
                 if attempt > _RETRIES:
+                    reason = network_reason(exc) or f"{type(exc).__name__}: {exc}"
                     raise TransferError(
-                        f"fetching {f.rel} failed after {_RETRIES} retries: {type(exc).__name__}: {exc}",
+                        f"fetching {f.rel} from {host_of(f.url)} failed after {_RETRIES} retries: {reason}",
                         code="source_unreachable",
                     ) from None
                 if self.cancel.wait(min(2.0, 0.2 * 2**attempt)):
