@@ -269,7 +269,7 @@ async def test_job_files_never_5xx(head: HeadServer, text: str) -> None:
     assert status in (202, 400, 413, 422), (status, raw[:300])
 
 
-@settings(max_examples=500, deadline=None, database=None)
+@settings(max_examples=EXAMPLES, deadline=None, database=None)
 @given(text=job_texts())
 def test_job_parser_only_raises_invalid_workflow(text: str) -> None:
     TRIED["job files (parser only)"] += 1
