@@ -87,6 +87,9 @@ class Settings:
     of encoded events: a replay never holds more than this in memory at once."""
     progress_interval: float = 0.2
     """An agent sends at most one progress message per op per this many seconds."""
+    progress_every: float = 5.0
+    """Without a terminal, the CLI prints at most one progress line per op (or job action) per
+    this many seconds, besides a line per phase and a summary."""
     reconnect_min: float = 0.5
     """First reconnect backoff of an agent, seconds."""
     reconnect_max: float = 10.0

@@ -37,12 +37,18 @@ class HttpSource:
     url: str
     filename: str
 
+    def __str__(self) -> str:
+        return self.url
+
 
 @dataclass(frozen=True, slots=True)
 class FileSource:
     """A file or directory on the agent's own filesystem."""
 
     path: str
+
+    def __str__(self) -> str:
+        return f"file://{self.path}"
 
 
 Source = HubSource | HttpSource | FileSource

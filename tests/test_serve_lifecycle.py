@@ -393,7 +393,7 @@ async def test_health_is_a_line_of_words(
     whole = await _gs(cli, head, "health", "--node", "w1")
     assert whole.returncode == 0, whole.stderr
     assert re.fullmatch(
-        r"healthy: 1 GPUs; disk [\d.]+ [KMGT]?B free, dram [\d.]+ [KMGT]?B free; services: m@w1:disk ok\n",
+        r"healthy: 1 GPU; disk [\d.]+ [KMGT]?B free, dram [\d.]+ [KMGT]?B free; services: m@w1:disk ok\n",
         whole.stdout,
     ), whole.stdout
     assert "{" not in one.stdout + whole.stdout

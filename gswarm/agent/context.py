@@ -57,13 +57,16 @@ class OpContext:
 
     def progress(self, done: int, total: int | None = None, message: str | None = None) -> None:
         """Record progress; the executor sends it, coalesced, at most every interval. A new
-        phase (a new message) goes out at once, so even a short phase is seen."""
+        phase (a new message) goes out at once, so even a short phase is seen, and starts its
+        rate afresh: bytes a resumed download already had are not counted as moved now."""
         self.done = done
         if total is not None:
             self.total = total
         self.dirty = True
         if message is not None and message != self.message:
             self.message = message
+            self._rate_mark = (time.monotonic(), done)
+            self.rate = 0.0
             if self._send is not None:
                 self._send(self.snapshot())
 

@@ -355,6 +355,7 @@ class GpuPool:
                     details={"needed": size, "free": free},
                 )
             w = await self.worker(index)
+            progress(0, size)  # the total before the worker's first figures
             reply = await w.call("load", progress, model=model, dir=str(model_dir), files=files)
             resident = int(reply.get("bytes", size))
             self.resident.setdefault(index, {})[model] = resident

@@ -47,6 +47,7 @@ from gswarm.ops import (
     PeerSource,
 )
 from gswarm.sources import FileSource, HttpSource, HubSource, parse_source
+from gswarm.words import counted
 
 _LOCKS: dict[tuple[str, str, str], asyncio.Lock] = {}
 
@@ -252,6 +253,7 @@ async def _from_remote(
     downloader = await asyncio.to_thread(
         RangeDownloader, partial, plan.headers, counter, cancel, limit=limit, tls=ctx.agent.tls
     )
+    await run_blocking(cancel, downloader.probe_sizes, plan.files)  # a URL's size: the total up front
     have = downloader.already_done(plan.files)
     if plan.total:
         await asyncio.to_thread(store.check_space, plan.total - have)
@@ -261,7 +263,8 @@ async def _from_remote(
         await asyncio.to_thread(partial.mkdir, parents=True, exist_ok=True)
     counter.value = have
     _track(ctx, counter)
-    ctx.progress(have, plan.total, f"downloading {len(plan.files)} files" + (" (resuming)" if have else ""))
+    what = f"downloading {counted(len(plan.files), 'file')}"
+    ctx.progress(have, plan.total, what + (" (resuming)" if have else ""))
     try:
         await run_blocking(cancel, downloader.run, plan.files)
     except Cancelled:
@@ -303,7 +306,7 @@ async def _from_local(
     await asyncio.to_thread(store.check_space, total)
     counter = ByteCounter()
     _track(ctx, counter)
-    ctx.progress(0, total, f"copying {len(files)} files from {root}")
+    ctx.progress(0, total, f"copying {counted(len(files), 'file')} from {root}")
     try:
         await run_blocking(
             cancel, copy_files, base, partial, files, counter, cancel, 4, ctx.agent.file_roots.check_fd, limit

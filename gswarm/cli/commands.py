@@ -14,7 +14,6 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 import typer
 import yaml
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from gswarm.cli.common import (
@@ -34,10 +33,12 @@ from gswarm.cli.common import (
     table_of,
 )
 from gswarm.cli.processes import run
-from gswarm.cli.render import ago, finish_op, follow_op, health_line, human_size, print_json, print_op
+from gswarm.cli.progress import event_progress, human_size
+from gswarm.cli.render import ago, finish_op, follow_op, health_line, print_json, print_op
 from gswarm.errors import GswarmError
 from gswarm.ops import HealthCheckResult, Op, ReplicateResult
-from gswarm.protocol import Event, ModelView, Node, NodeRemoved, Notice, Service
+from gswarm.protocol import Event, ModelView, Node, NodeRemoved, Notice, OpProgress, Service
+from gswarm.words import counted
 
 T = TypeVar("T")
 
@@ -243,9 +244,9 @@ def nodes_remove(
         print_json(done)
         return
     what = [
-        f"{len(done.ops_failed)} open ops failed" if done.ops_failed else "",
-        f"{len(done.locations)} copies forgotten" if done.locations else "",
-        f"{len(done.services)} services forgotten" if done.services else "",
+        f"{counted(len(done.ops_failed), 'open op')} failed" if done.ops_failed else "",
+        f"{counted(len(done.locations), 'copy', 'copies')} forgotten" if done.locations else "",
+        f"{counted(len(done.services), 'service')} forgotten" if done.services else "",
         "its agent was disconnected" if done.was_online else "",
     ]
     details = ", ".join(w for w in what if w)
@@ -430,19 +431,8 @@ def replicate(
             op: Op = await c.replicate(
                 model, targets or [], all_nodes=all_nodes, source_device=source, max_fanout=max_fanout
             )
-            if detach:
-                return op
-            columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"))
-            progress = Progress(*columns, TimeElapsedColumn(), console=err, disable=json_out)
-            with progress:
-                task = progress.add_task(f"replicate {model}", total=None, note="")
-
-                def update(o: Op) -> None:
-                    p = o.progress
-                    progress.update(task, completed=p.done, total=p.total or None, note=p.message)
-
-                final: Op = await c.wait_op(op.op_id, on_progress=update)
-                return final
+            final: Op = await follow_op(c, op, detach, json_out, f"replicate {model}")
+            return final
 
     flags = {
         **MODEL,
@@ -663,7 +653,8 @@ def delete(
         return
     stopped = result.get("stopped_services") or []
     also = f"; stopped {', '.join(stopped)}" if stopped else ""
-    out.print(f"deleted {model} ({len(result.get('ops', []))} copies removed{also})", highlight=False)
+    removed = counted(len(result.get("ops", [])), "copy", "copies")
+    out.print(f"deleted {model} ({removed} removed{also})", highlight=False)
 
 
 @app.command()
@@ -754,7 +745,16 @@ def events(
             return
         stamp = time.strftime("%H:%M:%S", time.localtime(ev.ts))
         state = ev.data.get("state") or ev.data.get("status") or ""
-        out.print(f"{ev.seq:>7} {stamp} {ev.kind:<18} {ev.key} {state}", highlight=False)
+        line = f"{ev.seq:>7} {stamp} {ev.kind:<18} {ev.key} {state}"
+        if ev.kind == "op.progress":
+            try:
+                figures = event_progress(
+                    str(ev.data.get("kind", "")), msgspec.convert(ev.data["progress"], OpProgress)
+                )
+            except (KeyError, msgspec.ValidationError):
+                figures = ""  # an event from a head of another version: its line without figures
+            line += f" {figures}" if figures else ""
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
 
     async def main() -> None:
         async with open_client(head_url, token) as c:

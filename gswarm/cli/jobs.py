@@ -15,6 +15,7 @@ from gswarm.cli.render import ago, follow_job, job_table, print_json
 from gswarm.config import Settings
 from gswarm.errors import GswarmError, InvalidWorkflow
 from gswarm.protocol import Job
+from gswarm.words import counted
 
 
 @app.command()
@@ -46,7 +47,7 @@ def job(
         fail(_in_file(exc.message, file))
         return
     if check:
-        out.print(f"{file}: ok, {len(spec.actions)} actions", highlight=False)
+        out.print(f"{file}: ok, {counted(len(spec.actions), 'action')}", highlight=False)
         for a in spec.actions:
             deps = f" after {', '.join(a.depends_on)}" if a.depends_on else ""
             out.print(f"  {a.id}: {a.action} {a.model}{deps}", highlight=False)
@@ -126,7 +127,7 @@ def jobs_show(
     if json_out:
         print_json(found)
     else:
-        out.print(job_table(found, {}))
+        out.print(job_table(found, {}, out.width))
 
 
 @jobs_app.command("cancel")

@@ -33,7 +33,7 @@ from rich.text import Text
 from gswarm.cli.commands import open_client
 from gswarm.cli.common import HeadUrl, TokenOpt, app, out
 from gswarm.cli.processes import run
-from gswarm.cli.render import human_size
+from gswarm.cli.progress import human_size
 from gswarm.ops import (
     CopyArgs,
     DeleteArgs,

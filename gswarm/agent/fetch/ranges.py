@@ -55,6 +55,14 @@ thread: 3.6-5.0 s of system time in 1 MiB writes, 0.9-4.1 s in 64 KiB writes, 0.
 DEFAULT_STREAMS = max(2, min(8, os.cpu_count() or 1))
 """Parallel range streams: each hashes and writes what it receives, so streams beyond the
 number of cores only contend (measured on 2 cores: 2 streams 1.9 s, 8 streams 2.2 s per 2 GiB)."""
+PACE_SECONDS = 0.25
+"""A read that takes longer than this halves the next one's size (down to PACE_MIN_BYTES), one
+under a quarter of it doubles it (up to READ_BYTES): a fast source keeps large reads, a slow one
+gets reads of a fraction of a second, so the byte count (and the op's progress) moves smoothly
+instead of jumping by READ_BYTES."""
+PACE_MIN_BYTES = 16 << 10
+PACE_START_BYTES = 256 << 10
+"""The first read of each stream: small, so a slow source shows progress at once."""
 LIMITED_READ_BYTES = 64 << 10
 """Under a bandwidth limit, reads are at most a tenth of a second's worth (and at least this),
 so a slow limit still paces smoothly."""
@@ -247,6 +255,22 @@ class _Schedule:
             return w.in_flight > 0 or bool(w.pending)
 
 
+class ReadPace:
+    """How many bytes a stream's next read asks for, from how long its last read took (see
+    `PACE_SECONDS`). One per stream; `largest` caps it (a bandwidth limit lowers the cap)."""
+
+    def __init__(self, largest: int = READ_BYTES) -> None:
+        self.largest = largest
+        self.step = min(largest, PACE_START_BYTES)
+
+    def took(self, nbytes: int, seconds: float) -> None:
+        """A read of `nbytes` (asked for `step`) took `seconds`: size the next one."""
+        if seconds > PACE_SECONDS:
+            self.step = max(PACE_MIN_BYTES, self.step // 2)
+        elif seconds < PACE_SECONDS / 4 and nbytes >= self.step:
+            self.step = min(self.largest, self.step * 2)
+
+
 class RangeDownloader:
     """Fetches files with parallel HTTP range requests into a partial directory."""
 
@@ -297,9 +321,7 @@ class RangeDownloader:
         take chunks from the tail of the file with the most left; those bytes are hashed when
         the file's owner, done with its own chunks, reads them back as they land."""
         self.dest.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            if f.size is None:
-                self._probe_size(f)
+        self.probe_sizes(files)
         work: list[_FileWork] = []
         for f in files:
             size = f.size or 0
@@ -324,6 +346,10 @@ class RangeDownloader:
             conns = Connections(self.timeout, self.tls)
             live.append(conns)
             buf = bytearray(READ_BYTES)
+            largest = READ_BYTES
+            if self.limit is not None:  # a tenth of a second's worth at most, so the pace is even
+                largest = min(READ_BYTES, max(LIMITED_READ_BYTES, self.limit.rate // 10))
+            pace = ReadPace(largest)
             fds: dict[str, int] = {}
             own: _FileWork | None = None
             try:
@@ -344,7 +370,7 @@ class RangeDownloader:
                         # A resumed file: hash what an earlier attempt wrote, then go on inline.
                         w.hash.catch_up(fd, self.state.prefix(w.file.rel), buf)
                     try:
-                        self._fetch_chunk(conns, buf, fd, w, index, start)
+                        self._fetch_chunk(conns, buf, pace, fd, w, index, start)
                     finally:
                         schedule.finished(w)
                     self.state.chunk_done(w.file.rel, index)
@@ -396,8 +422,22 @@ class RangeDownloader:
             if self.cancel.wait(0.005):
                 return
 
-    def _probe_size(self, f: RemoteFile) -> None:
+    def probe_sizes(self, files: list[RemoteFile]) -> None:
+        """Learn the size of every file that has none yet (a plain URL) from a HEAD request's
+        Content-Length, so the download's total is known before its bytes flow (blocking)."""
+        unknown = [f for f in files if f.size is None]
+        if not unknown:
+            return
         conns = Connections(self.timeout, self.tls)
+        try:
+            for f in unknown:
+                if self.cancel.is_set():
+                    raise Cancelled()
+                self._probe_size(conns, f)
+        finally:
+            conns.close()
+
+    def _probe_size(self, conns: Connections, f: RemoteFile) -> None:
         try:
             resp, _ = request(conns, f.url, {**self.headers, "Accept-Encoding": "identity"}, "HEAD")
             resp.read()
@@ -409,8 +449,6 @@ class RangeDownloader:
             f.size = int(length)
         except (OSError, http.client.HTTPException) as exc:
             raise unreachable(f.url, network_reason(exc) or f"{type(exc).__name__}: {exc}") from None
-        finally:
-            conns.close()
 
     def _wait_for_peer(self, waited: float) -> float:
         if waited >= STALL_TIMEOUT:
@@ -420,16 +458,20 @@ class RangeDownloader:
         return waited + 0.2
 
     def _fetch_chunk(
-        self, conns: Connections, buf: bytearray, fd: int, w: _FileWork, index: int, start: int
+        self,
+        conns: Connections,
+        buf: bytearray,
+        pace: ReadPace,
+        fd: int,
+        w: _FileWork,
+        index: int,
+        start: int,
     ) -> None:
         f = w.file
         size = f.size or 0
         end = min(size, (index + 1) * self.chunk)
         pos = start
         mv = memoryview(buf)
-        step = len(buf)
-        if self.limit is not None:
-            step = max(LIMITED_READ_BYTES, min(step, self.limit.rate // 10))
         attempt = 0
         waited = 0.0
         while pos < end:
@@ -460,9 +502,12 @@ class RangeDownloader:
                         resp.close()
                         conns.drop(f.url)
                         raise Cancelled()
+                    ask = min(pace.step, want)
                     if self.limit is not None:
-                        self.limit.take(min(step, want))
-                    n = resp.readinto(mv[: min(step, want)])
+                        self.limit.take(ask)
+                    began = time.monotonic()
+                    n = resp.readinto(mv[:ask])
+                    pace.took(n, time.monotonic() - began)
                     if not n:
                         raise http.client.IncompleteRead(b"", want)
                     try:
