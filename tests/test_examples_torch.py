@@ -35,6 +35,8 @@ def _port_free(port: int) -> bool:
 
 
 pytestmark = [
+    # Both tests serve on the examples' fixed ports: one worker runs them, one after the other.
+    pytest.mark.xdist_group("ports-8080-8082"),
     pytest.mark.timeout(300),
     pytest.mark.skipif(
         importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
