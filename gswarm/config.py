@@ -51,6 +51,16 @@ def default_dram_dir() -> Path:
     return Path(f"/dev/shm/gswarm-{os.getuid()}")
 
 
+def _flag(raw: str) -> bool:
+    """A yes/no environment value: 1/true/yes/on or 0/false/no/off (any case)."""
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected 1/true/yes/on or 0/false/no/off")
+
+
 @dataclass
 class Settings:
     """Tunables shared by head and agent. Each field reads `GSWARM_<FIELD>` when built by `from_env`."""
@@ -100,12 +110,16 @@ class Settings:
     """Client-side timeout of one REST request."""
     sweep_interval: float = 0.5
     """How often the head checks liveness and op deadlines."""
+    warm_spare: bool = True
+    """An agent keeps one CPU worker with torch and transformers already imported, so the next
+    builtin service on disk or dram starts without their seconds of import; false saves the
+    memory that idle process holds."""
     metrics_port: int = -1
     """A port on which the head serves `/metrics` to anyone, without the api token (for a
     Prometheus scraper); -1: none, `/metrics` only on the head's port with the api token."""
 
     @classmethod
-    def from_env(cls, **overrides: float | int | None) -> Settings:
+    def from_env(cls, **overrides: float | int | bool | None) -> Settings:
         """Defaults, then `GSWARM_*` environment variables, then explicit non-None overrides."""
         settings = cls()
         for f in fields(cls):
@@ -113,7 +127,7 @@ class Settings:
             if raw is not None:
                 kind = type(getattr(settings, f.name))
                 try:
-                    setattr(settings, f.name, kind(raw))
+                    setattr(settings, f.name, _flag(raw) if kind is bool else kind(raw))
                 except ValueError as exc:
                     raise ValueError(f"GSWARM_{f.name.upper()}={raw!r}: {exc}") from None
         for name, value in overrides.items():

@@ -33,6 +33,9 @@ FAST = {
     "sweep_interval": 0.1,
     "ws_ping_interval": 1.0,
     "hello_timeout": 3.0,
+    # A spare CPU worker imports torch and transformers (seconds of CPU) for a serve that most
+    # tests never make; the tests of the spare itself turn it on.
+    "warm_spare": False,
 }
 
 

@@ -28,7 +28,7 @@ from gswarm.client import GswarmClient
 from gswarm.errors import BadRequest, Conflict, NotFound
 from gswarm.head.app import HeadServer
 from gswarm.ops import LOG_CHUNK_BYTES, DeleteResult, ServeResult
-from tests.conftest import AgentRunner, Cli, free_port, running_hub, wait_for
+from tests.conftest import AgentRunner, Cli, fast_settings, free_port, running_hub, wait_for
 from tests.test_serving_torch import tiny_llm  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(120)
@@ -421,6 +421,7 @@ async def llm_hub(tiny_llm: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
 async def test_builtin_logs_on_a_gpu_and_on_the_cpu(
     head: HeadServer, agents: AgentRunner, client: GswarmClient, cli: Cli, llm_hub: Any
 ) -> None:
+    agents.settings = fast_settings(warm_spare=True)  # the CPU services below use the spare
     agent = await agents.start(head, "w1", simulate_gpus="1:1G")
     assert (await client.download("tiny-llm", "org/tiny-llm", "w1:dram", wait=True)).state == "succeeded"
     assert (await client.load("tiny-llm", "w1:gpu0", wait=True)).state == "succeeded"

@@ -127,12 +127,14 @@ async def test_load_serve_restart_stop_on_simulated_gpu(
 async def test_builtin_on_the_cpu_from_dram(
     head: HeadServer, agents: AgentRunner, client: GswarmClient, llm_hub: Any
 ) -> None:
-    await agents.start(head, "w1")
+    agent = await agents.start(head, "w1")
     assert (await client.download("tiny-llm", "hf://org/tiny-llm", "w1:dram", wait=True)).state == "succeeded"
     port = free_port()
     assert (await client.serve("tiny-llm", "w1:dram", port, wait=True)).state == "succeeded"
     assert listening_hosts(port) == {"127.0.0.1"}  # not every interface unless the operator says so
     body = await _post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "fox", "max_tokens": 4})
     assert body["model"] == "tiny-llm" and body["usage"]["completion_tokens"] > 0
+    # warm_spare off (the tests' settings): no idle worker was started for a next serve.
+    assert not agent.services.spare_ready and not list(agent.services.log_dir.glob("spare-cpu-worker*"))
     assert (await client.stop_service("tiny-llm", "w1:dram", wait=True)).state == "succeeded"
     await asyncio.sleep(0)

@@ -391,7 +391,8 @@ class ServiceManager:
 
     async def _cpu_worker(self, log_path: Path) -> WorkerHandle:
         """A CPU worker for a disk/dram service: the spare one, warm (torch and transformers
-        imported), if there is one; a new spare starts in the background for the next serve."""
+        imported), if there is one; a new spare starts in the background for the next serve
+        (unless the agent's `warm_spare` setting is off)."""
         spare, self._spare = self._spare, None
         if spare is None or not spare.alive:
             spare = WorkerHandle("cpu", log_path)
@@ -402,7 +403,7 @@ class ServiceManager:
             idle_log = spare.log_path
             await spare.redirect_log(log_path)
             await asyncio.to_thread(idle_log.unlink, missing_ok=True)
-        if self._spare_task is None or self._spare_task.done():
+        if self.agent.settings.warm_spare and (self._spare_task is None or self._spare_task.done()):
             self._spare_task = asyncio.create_task(self._start_spare())
         return spare
 
