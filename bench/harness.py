@@ -61,9 +61,15 @@ def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
+def code_root() -> Path:
+    """The checkout whose gswarm the children run: this one, or `$GSWARM_BENCH_CODE`."""
+    return Path(os.environ.get("GSWARM_BENCH_CODE") or ROOT)
+
+
 def bench_env(tmp: Path) -> dict[str, str]:
     """The environment of every child: no GSWARM_* settings, tokens or proxies from outside;
-    the checkout first on PYTHONPATH; Hugging Face state under `tmp`, quiet."""
+    the checkout first on PYTHONPATH (or `$GSWARM_BENCH_CODE`, another checkout's root, so the
+    same driver measures an older gswarm: before/after pairs); Hugging Face state under `tmp`, quiet."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GSWARM_")}
     for var in (
         "HF_TOKEN",
@@ -75,7 +81,7 @@ def bench_env(tmp: Path) -> dict[str, str]:
         "all_proxy",
     ):
         env.pop(var, None)
-    path = [str(ROOT), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    path = [str(code_root()), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
     return env | {
         "PYTHONPATH": os.pathsep.join(path),
         "NO_PROXY": HOST,
@@ -93,7 +99,7 @@ def gswarm_version() -> str:
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(code_root()), *args], capture_output=True, text=True, timeout=10
         ).stdout.strip()
 
     try:
