@@ -38,6 +38,11 @@ def _mixed() -> dict[str, Any]:
         "mask.bool": torch.rand(23, generator=g) > 0.5,
         "scale.scalar": torch.tensor(3.25),
         "empty.f32": torch.empty(0, 4),
+        **(
+            {"w.f8": torch.randn(9, generator=g).to(torch.float8_e4m3fn)}
+            if hasattr(torch, "float8_e4m3fn")
+            else {}
+        ),
     }
 
 

@@ -263,6 +263,8 @@ class WeightLoader:
                 if name in tensors:
                     raise ValueError(f"tensor {name!r} is in more than one file")
                 tensors[name] = tensor
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the aligned copies of misaligned tensors included
         return tensors
 
     def _stream_file(
