@@ -203,7 +203,8 @@ class _CudaCopier:
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        self.events: list[Any] = [None, None]
+        self.events = [torch.cuda.Event(), torch.cuda.Event()]
+        self.pending = [False, False]
 
     def begin(self) -> None:
         # The destination was just allocated on the current stream, possibly from memory whose
@@ -211,21 +212,19 @@ class _CudaCopier:
         self.stream.wait_stream(self.torch.cuda.current_stream(self.device))
 
     def wait_free(self, i: int) -> None:
-        event = self.events[i]
-        if event is not None:
-            event.synchronize()
-            self.events[i] = None
+        if self.pending[i]:
+            self.events[i].synchronize()
+            self.pending[i] = False
 
     def copy(self, dst: Any, i: int, n: int) -> None:
         with self.torch.cuda.stream(self.stream):
             dst.copy_(self.buffers[i][:n], non_blocking=True)
-            event = self.torch.cuda.Event()
-            event.record(self.stream)
-        self.events[i] = event
+        self.events[i].record(self.stream)
+        self.pending[i] = True
 
     def finish(self) -> None:
         self.stream.synchronize()
-        self.events = [None, None]
+        self.pending = [False, False]
 
 
 class WeightLoader:
