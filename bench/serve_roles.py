@@ -4,8 +4,9 @@ fresh process, so that the benchmark's own process never imports torch.
     python bench/serve_roles.py ROLE ARGS...   -> one JSON line on stdout
 
 `_make OUT SIZE` writes a random Llama checkpoint (one safetensors file) and a BPE tokenizer;
-`_anchor PATH cpu|cuda` times `safetensors.torch.load_file` alone (on the CPU also reading every
-weight once, and one plain copy of the file); `_phases DIR` replays a CPU worker's steps one by
+`_anchor PATH cpu|cuda|cpu-to-cuda` times `safetensors.torch.load_file` alone (on the CPU also
+reading every weight once, and one plain copy of the file; cpu-to-cuda: onto the CPU, then
+`.to("cuda")` per tensor); `_phases DIR` replays a CPU worker's steps one by
 one (it prints "ready" once torch is imported, so the parent can time process start + import);
 `_h2d NBYTES` measures torch's pinned and pageable host-to-device copy rates; `_cuda_check`
 says whether this Python's torch sees a CUDA device; `_generate DIR TOKENS REQUESTS LEVELS` is the
@@ -97,17 +98,22 @@ def role_make(out: str, size: str) -> dict[str, Any]:
 
 
 def role_anchor(path: str, device: str) -> dict[str, Any]:
-    """Time `safetensors.torch.load_file(path, device)` alone (imports and CUDA init excluded)."""
+    """Time `safetensors.torch.load_file(path, device)` alone (imports and CUDA init excluded);
+    `device` "cpu-to-cuda": `load_file(path, device="cpu")` then `.to("cuda")` per tensor."""
     import torch
     from safetensors.torch import load_file
 
-    if device == "cuda":
+    cuda = device in ("cuda", "cpu-to-cuda")
+    if cuda:
         torch.cuda.init()
         torch.empty(1, device="cuda")
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    tensors = load_file(path, device=device)
-    if device == "cuda":
+    if device == "cpu-to-cuda":
+        tensors = {k: t.to("cuda") for k, t in load_file(path, device="cpu").items()}
+    else:
+        tensors = load_file(path, device=device)
+    if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}

@@ -50,32 +50,26 @@ class Worker:
     def _load(self, req_id: int, model_dir: str, files: list[str]) -> tuple[dict[str, Any], int]:
         import os
 
-        from safetensors import safe_open
+        from gswarm.agent.weights import WeightLoader
 
-        total = sum(os.path.getsize(os.path.join(model_dir, f)) for f in files)
-        tensors: dict[str, Any] = {}
-        done = 0
+        paths = [os.path.join(model_dir, f) for f in files]
+        total = sum(os.path.getsize(p) for p in paths)
         last = 0.0
-        for name in files:
-            with safe_open(os.path.join(model_dir, name), framework="pt", device=self.device) as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    t = f.get_tensor(key)
-                    if self.resident and t.device.type == "cpu":
-                        # safetensors maps CPU tensors from the file; a simulated GPU must hold
-                        # its own copy in memory, as a real one would.
-                        t = t.clone()
-                    tensors[key] = t
-                    done += t.numel() * t.element_size()
-                    now = time.monotonic()
-                    if now - last > 0.2:
-                        last = now
-                        self.send(
-                            {"event": "progress", "id": req_id, "done": min(done, total), "total": total}
-                        )
-        if self.device.startswith("cuda"):
-            import torch
 
-            torch.cuda.synchronize(self.device)
+        def progress(done: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last > 0.2:
+                last = now
+                self.send({"event": "progress", "id": req_id, "done": min(done, total), "total": total})
+
+        if self.device == "cpu" and not self.resident:
+            # Serving from a disk/dram copy: the tensors map that file, no copy is held.
+            tensors = _map_files(paths)
+        else:
+            # One device buffer per file, streamed through staging buffers (gswarm.agent.weights);
+            # a simulated GPU ("cpu", resident) runs the same path into host memory it owns.
+            tensors = WeightLoader(self.device).load(paths, progress)
         resident = sum(t.numel() * t.element_size() for t in tensors.values())
         return tensors, resident
 
@@ -186,6 +180,18 @@ class Worker:
             )
 
 
+def _map_files(paths: list[str]) -> dict[str, Any]:
+    """The tensors of safetensors files `paths`, mapped from the files (CPU, nothing copied)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, Any] = {}
+    for path in paths:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
 def _redirect_stderr(path: str) -> None:
     """Send this process's stderr (its log: Python's and the libraries' own output) to `path`."""
     import os
@@ -211,7 +217,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="gswarm model worker (one per GPU)")
     parser.add_argument("--device", default="cpu", help="cuda:N or cpu")
     parser.add_argument(
-        "--resident", action="store_true", help="copy CPU tensors into memory (simulated GPU)"
+        "--resident",
+        action="store_true",
+        help="load CPU tensors into memory of its own, not mapped from the file (simulated GPU)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
