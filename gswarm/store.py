@@ -106,6 +106,11 @@ class _Credential:
     done: concurrent.futures.Future[None]
 
 
+@dataclass
+class _Barrier:
+    done: concurrent.futures.Future[None]
+
+
 def _fail(done: concurrent.futures.Future[None], exc: BaseException) -> None:
     try:
         done.set_exception(RuntimeError(f"state store failed: {exc}"))
@@ -206,6 +211,19 @@ class Store:
             _fail(done, self._error)
         await asyncio.wrap_future(done)
 
+    async def flushed(self) -> None:
+        """Return once every write queued before this call is committed (a result the head
+        acknowledges to an agent must survive the head's crash: the agent forgets it)."""
+        if self._error is not None:
+            raise RuntimeError(f"state store failed: {self._error}") from self._error
+        if self._thread is None:
+            raise RuntimeError("state store is not open")
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queue.put(_Barrier(done))
+        if self._error is not None:  # the writer died after the check above: it may not see this
+            _fail(done, self._error)
+        await asyncio.wrap_future(done)
+
     def persist(self, events: Sequence[Event]) -> None:
         """Queue events for writing; returns at once."""
         if self._error is not None:
@@ -216,6 +234,7 @@ class Store:
     def _writer(self) -> None:
         conn = self._connect()
         creds: list[_Credential] = []
+        barriers: list[_Barrier] = []
         interval = min(PRUNE_INTERVAL, self.events_max_age / 4)
         last_prune = 0.0
         written = 0
@@ -226,6 +245,7 @@ class Store:
                 queued_at = 0.0
                 forget: list[_Forget] = []
                 creds = []
+                barriers = []
                 stop = item is _STOP
                 if not stop:
                     time.sleep(GROUP_COMMIT_SECONDS)
@@ -236,6 +256,8 @@ class Store:
                         forget.append(item)
                     elif isinstance(item, _Credential):
                         creds.append(item)
+                    elif isinstance(item, _Barrier):
+                        barriers.append(item)
                     elif isinstance(item, _Events):
                         if not batch:
                             queued_at = item.queued_at
@@ -260,6 +282,8 @@ class Store:
                             "INSERT OR REPLACE INTO node_credentials VALUES (?, ?)", (c.node_id, c.digest)
                         )
                     creds.pop(0).done.set_result(None)
+                while barriers:  # autocommit: what came before them is committed
+                    barriers.pop(0).done.set_result(None)
                 now = time.monotonic()
                 if written > self.events_kept // 10 or now - last_prune >= interval:
                     self._prune(conn)
@@ -276,8 +300,10 @@ class Store:
                     break
                 if isinstance(item, _Credential):
                     creds.append(item)
-            for c in creds:
-                _fail(c.done, exc)
+                elif isinstance(item, _Barrier):
+                    barriers.append(item)
+            for done in [c.done for c in creds] + [b.done for b in barriers]:
+                _fail(done, exc)
         finally:
             conn.close()
 

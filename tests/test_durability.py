@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,27 @@ async def test_download_takes_a_peer_copy_only_of_the_same_source(
         r = await _invoke("download", "m", "org/tiny", "w3:disk", url=head.url, token=token)
         assert r.exit_code == 0 and "from w1" in " ".join(r.stdout.split()), r.output
         assert tree_bytes(agents.agents["w3"].stores["disk"].model_dir("m")) == tree_bytes(tiny_repo_dir)
+
+
+async def test_a_result_is_acknowledged_only_once_the_head_has_stored_it(
+    head: HeadServer, agents: AgentRunner, client: GswarmClient
+) -> None:
+    """An agent forgets a result once the head acknowledges it: a head killed after its Ack but
+    before its write would then never learn how the op ended (its job hung, CI seed 2). Here the
+    head's database is held locked by another connection (a real SQLite lock): the op ends in the
+    head's memory, but no Ack reaches the agent, which keeps the result, until the write lands."""
+    agent = await agents.start(head, "w1")
+    db = sqlite3.connect(head.head.state_dir / "gswarm.db", isolation_level=None, timeout=0)
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        op = await client.probe("w1")
+        await wait_for(lambda: head.head.registry.ops[op.op_id].terminal)
+        # The head has ended the op; the write waits on the lock; the agent still holds the result.
+        for _ in range(10):
+            assert op.op_id in agent.executor.outbox
+            await asyncio.sleep(0.05)
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    await wait_for(lambda: op.op_id not in agent.executor.outbox, timeout=10)
+    assert (await client.get_op(op.op_id)).state == "succeeded"

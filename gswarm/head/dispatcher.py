@@ -146,9 +146,14 @@ class Dispatcher:
                 op = reg.ops.get(msg.op_id)
                 if op is not None and not op.terminal and op.node_id == node_id:
                     self.finish(op, self._outcome(op, msg))
-                conn = self._head.agents.get(node_id)
-                if conn is not None:
-                    await conn.send(Ack(op_id=msg.op_id))
+                # The agent forgets a result once acknowledged: only a committed one may be.
+                self._head.spawn(self._ack_when_stored(node_id, msg.op_id), name="ack")
+
+    async def _ack_when_stored(self, node_id: str, op_id: str) -> None:
+        await self._head.store.flushed()
+        conn = self._head.agents.get(node_id)
+        if conn is not None:
+            await conn.send(Ack(op_id=op_id))
 
     @staticmethod
     def _outcome(op: Op, msg: Succeeded | Failed) -> Outcome:
