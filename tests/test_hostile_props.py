@@ -5,6 +5,7 @@ is a 4xx with the documented error body."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from typing import Any
 from urllib.parse import quote
@@ -22,7 +23,9 @@ from gswarm.workflow import ACTIONS, parse
 
 pytestmark = pytest.mark.timeout(300)
 
-EXAMPLES = 200
+EXAMPLES = int(os.environ.get("GSWARM_HYPOTHESIS_EXAMPLES", "100"))
+"""Examples per property: 100 in the suite (it must stay under 3 minutes on 2 cores);
+`GSWARM_HYPOTHESIS_EXAMPLES=1000 tox -e py -- tests/test_hostile_props.py` for a longer hunt."""
 PROPS = settings(
     max_examples=EXAMPLES,
     deadline=None,
