@@ -35,7 +35,7 @@ def _port_free(port: int) -> bool:
 
 
 pytestmark = [
-    # Both tests serve on the examples' fixed ports: one worker runs them, one after the other.
+    # The examples serve on fixed ports: whatever else comes to serve on them runs in this worker.
     pytest.mark.xdist_group("ports-8080-8082"),
     pytest.mark.timeout(300),
     pytest.mark.skipif(
@@ -81,11 +81,35 @@ async def _complete(port: int) -> dict[str, Any]:
             return result
 
 
-async def test_original_examples_run_end_to_end(
+async def test_the_examples_as_the_readme_lists_them_then_each_from_nothing(
     head: HeadServer, agents: AgentRunner, client: GswarmClient, example_hub: Any
 ) -> None:
+    """One cluster for both ways a user runs the examples (its GPU workers start once).
+
+    First as the README lists them, nothing stopped or deleted in between: a serve that is
+    already running answers with the running service, a download or load already done is done.
+    Then, everything stopped and deleted, the original examples from nothing: a move onto a GPU
+    keeps the files it serves from, and the two downloads of the multi-model job overlap."""
     await agents.start(head, "node1", simulate_gpus="1:2G")
     await agents.start(head, "node2", simulate_gpus="1:2G")
+    for name in ("deploy-llama.json", "multi-model.yaml", "replicate-and-serve.yaml"):
+        await _run(client, name)
+    services = {svc.service_id: (svc.port, svc.state) for svc in await client.list_services()}
+    assert services == {
+        "llama-7b@node1:gpu0": (8080, "ready"),
+        "stable-diffusion@node2:gpu0": (8081, "ready"),
+        "qwen2.5-0.5b@node1:gpu0": (8082, "ready"),
+    }
+    for port, model in ((8080, "llama-7b"), (8081, "stable-diffusion"), (8082, "qwen2.5-0.5b")):
+        assert (await _complete(port))["model"] == model
+
+    again = await _run(client, "deploy-llama.json")  # and once more: nothing to do
+    serve_op = await client.get_op(again.actions[-1].op_ids[-1])
+    assert isinstance(serve_op.result, ServeResult) and serve_op.result.already_running
+    for svc in await client.list_services():
+        await client.stop_service(svc.model, svc.device, wait=True)
+    for model in await client.list_models():
+        await client.delete_model(model.name)
 
     deploy = await _run(client, "deploy-llama.json")
     assert [a.action for a in deploy.actions] == ["download", "move", "serve"]
@@ -103,31 +127,5 @@ async def test_original_examples_run_end_to_end(
     assert d2.started_at < d1.finished_at and d1.started_at < d2.finished_at  # both at once
     assert (await _complete(8080))["model"] == "llama-7b"
     assert (await _complete(8081))["model"] == "stable-diffusion"
-    for svc in await client.list_services():
-        await client.stop_service(svc.model, svc.device, wait=True)
-
-
-async def test_the_readme_examples_run_one_after_another(
-    head: HeadServer, agents: AgentRunner, client: GswarmClient, example_hub: Any
-) -> None:
-    """As the README lists them, nothing stopped or deleted in between: a serve that is
-    already running answers with the running service, a download or load already done is
-    done."""
-    await agents.start(head, "node1", simulate_gpus="1:2G")
-    await agents.start(head, "node2", simulate_gpus="1:2G")
-    for name in ("deploy-llama.json", "multi-model.yaml", "replicate-and-serve.yaml"):
-        await _run(client, name)
-    services = {svc.service_id: (svc.port, svc.state) for svc in await client.list_services()}
-    assert services == {
-        "llama-7b@node1:gpu0": (8080, "ready"),
-        "stable-diffusion@node2:gpu0": (8081, "ready"),
-        "qwen2.5-0.5b@node1:gpu0": (8082, "ready"),
-    }
-    for port, model in ((8080, "llama-7b"), (8081, "stable-diffusion"), (8082, "qwen2.5-0.5b")):
-        assert (await _complete(port))["model"] == model
-
-    again = await _run(client, "deploy-llama.json")  # and once more: nothing to do
-    serve_op = await client.get_op(again.actions[-1].op_ids[-1])
-    assert isinstance(serve_op.result, ServeResult) and serve_op.result.already_running
     for svc in await client.list_services():
         await client.stop_service(svc.model, svc.device, wait=True)
