@@ -33,7 +33,7 @@ from rich.text import Text
 from gswarm.cli.commands import open_client
 from gswarm.cli.common import HeadUrl, TokenOpt, app, out
 from gswarm.cli.processes import run
-from gswarm.cli.progress import human_size
+from gswarm.cli.progress import amount, human_size
 from gswarm.ops import (
     CopyArgs,
     DeleteArgs,
@@ -348,18 +348,8 @@ def _gpus(node: Node) -> str:
         return "-"
     if len(gpus) > 2:
         used = sum(g.memory_total - g.memory_free for g in gpus)
-        return f"{len(gpus)}× {_of(used, sum(g.memory_total for g in gpus))}"
-    return "  ".join(f"gpu{g.index} {_of(g.memory_total - g.memory_free, g.memory_total)}" for g in gpus)
-
-
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-
-
-def _of(part: float, whole: float) -> str:
-    """`29.4/73.4 MB`: a part and its whole, in the whole's unit."""
-    number, unit = human_size(whole).split()
-    part_in = part / _UNITS[unit]
-    return f"{part_in:.0f}/{number} {unit}" if unit == "B" else f"{part_in:.1f}/{number} {unit}"
+        return f"{len(gpus)}× {amount(used, sum(g.memory_total for g in gpus))}"
+    return "  ".join(f"gpu{g.index} {amount(g.memory_total - g.memory_free, g.memory_total)}" for g in gpus)
 
 
 def _duration(seconds: float) -> str:
@@ -437,7 +427,7 @@ def _ops_section(view: ClusterView, now: float) -> _Section:
             progress = Text("queued", style="yellow")
         elif p.total > 0:
             fraction = min(1.0, p.done / p.total)
-            progress = _bar(fraction) + f" {int(fraction * 100):3d}% {_of(p.done, p.total)}"
+            progress = _bar(fraction) + f" {int(fraction * 100):3d}% {amount(p.done, p.total)}"
             bars = max(bars, progress.cell_len)
             if p.rate > 0:
                 rate = f"{human_size(p.rate)}/s"
