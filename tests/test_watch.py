@@ -82,7 +82,7 @@ def _busy_view() -> ClusterView:
     """A view with long names, many GPUs, ops with and without bytes, and many events."""
     now = time.time()
     long = "worker-with-a-name-far-too-long-for-any-column-at-all"
-    view = ClusterView("https://head.example.internal.cluster.local:8100", last_seq=500, link="live")
+    view = ClusterView("https://127.0.0.1:8100/behind/a/proxy/with/a/long/path", last_seq=500, link="live")
     tiers = [TierInfo("disk", "/d", 4000 * GB, 1234 * GB), TierInfo("dram", "/m", 512 * GB, 300 * GB)]
     gpus = [GpuInfo(i, "H200", f"u{i}", 141 * GB, 100 * GB) for i in range(8)]
     view.nodes = {
